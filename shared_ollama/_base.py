@@ -1,0 +1,253 @@
+"""What both clients share and that does no I/O: configuration, pool, hooks, records.
+
+``SharedClient`` and ``SyncSharedClient`` add only sending, streaming, sleeping and
+closing (see ``client.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from typing import Any, Final, Generic, Literal, Self, TypeAlias, TypeVar
+
+from ._core.plan import CallPlan, RetryBudget
+from .config import (
+    BreakerPolicy,
+    Budget,
+    Endpoint,
+    HealthPolicy,
+    PoolConfig,
+    RetryPolicy,
+    Timeouts,
+    UsageConfig,
+    load_config,
+)
+from .errors import ConfigError, SharedOllamaError
+from .pool import EndpointStatus, Pool
+from .protocols import ListedModel
+from .records import CallListener, CallRecord
+from .telemetry import CallSpan, Telemetry
+from .types import ModelInfo, RunningModel
+from .usage import UsageTracker
+
+__all__ = ["NOT_GIVEN", "BaseClient", "EndpointLike", "NotGiven"]
+
+log = logging.getLogger("shared_ollama")
+
+EndpointLike: TypeAlias = Endpoint | str | Mapping[str, Any]
+TransportT = TypeVar("TransportT")
+
+
+class NotGiven(Enum):
+    """Sentinel type: "use the client's default" (``None`` means "no limit")."""
+
+    NOT_GIVEN = "NOT_GIVEN"
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN: Final = NotGiven.NOT_GIVEN
+
+
+def _endpoint(e: EndpointLike) -> Endpoint:
+    if isinstance(e, Endpoint):
+        return e
+    if isinstance(e, str):
+        return Endpoint(e)
+    return Endpoint.model_validate(dict(e))
+
+
+class BaseClient(Generic[TransportT]):
+    """Configuration, pool, listeners and accounting shared by both clients.
+
+    ``transport`` is httpx's seam (``httpx.MockTransport`` in tests): an
+    ``httpx.AsyncBaseTransport`` for ``SharedClient``, an ``httpx.BaseTransport`` for
+    ``SyncSharedClient``.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointLike] | None = None,
+        *,
+        project: str | None = None,
+        config: PoolConfig | None = None,
+        strategy: Literal["least_loaded", "round_robin", "weighted", "priority"] | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
+        timeouts: Timeouts | None = None,
+        health: HealthPolicy | None = None,
+        usage: UsageConfig | bool | None = None,
+        budgets: Mapping[str, Budget] | None = None,
+        listeners: Sequence[CallListener] = (),
+        telemetry: Telemetry | None = None,
+        transport: TransportT | None = None,
+    ) -> None:
+        cfg = config or PoolConfig()
+        updates: dict[str, Any] = {}
+        if endpoints is not None:
+            try:
+                updates["endpoints"] = [_endpoint(e) for e in endpoints]
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                raise ConfigError(f"invalid endpoint: {_first_error(exc)}") from None
+        for key, value in (
+            ("project", project),
+            ("strategy", strategy),
+            ("retry", retry),
+            ("breaker", breaker),
+            ("timeouts", timeouts),
+            ("health", health),
+            ("budgets", dict(budgets) if budgets is not None else None),
+        ):
+            if value is not None:
+                updates[key] = value
+        if isinstance(usage, bool):
+            updates["usage"] = cfg.usage.model_copy(update={"enabled": usage})
+        elif usage is not None:
+            updates["usage"] = usage
+        try:
+            cfg = PoolConfig.model_validate({**cfg.model_dump(), **updates})
+        except ValueError as exc:
+            raise ConfigError(f"invalid configuration: {_first_error(exc)}") from None
+        if not cfg.endpoints:
+            raise ConfigError("no endpoints configured")
+        urls = [e.url for e in cfg.endpoints]
+        if len(set(urls)) != len(urls):
+            raise ConfigError("the same endpoint url is configured twice")
+        self.config = cfg
+        self.project = cfg.project
+        self._pool = Pool(cfg)
+        self._budget = RetryBudget(cfg.retry)
+        self._listeners: list[CallListener] = list(listeners)
+        self.usage = UsageTracker(cfg.usage, cfg.budgets)
+        self._telemetry = telemetry or Telemetry()
+        self._telemetry.observe_pool(self._status_dicts)
+        self._closed = False
+        self._started = False
+        self._open_connections(transport)
+
+    def _open_connections(self, transport: TransportT | None) -> None:
+        """Create the driver's httpx client per endpoint (each driver its own kind)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """A client from a TOML file and/or ``SHARED_OLLAMA_*`` env vars."""
+        client_keys = {"listeners", "telemetry"}
+        extra = {k: overrides.pop(k) for k in list(overrides) if k in client_keys}
+        return cls(config=load_config(path, **overrides), **extra)
+
+    # -- observation ------------------------------------------------------------------
+    def pool_status(self) -> list[EndpointStatus]:
+        """Per endpoint: health, breaker, in-flight, latency EWMA, models, last error."""
+        return self._pool.status(time.monotonic())
+
+    def _status_dicts(self) -> list[dict[str, object]]:
+        return [s.as_dict() for s in self.pool_status()]
+
+    def add_listener(self, listener: CallListener) -> None:
+        """Call ``listener(record)`` after every call (keep it cheap: it runs inline)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: CallListener) -> None:
+        """Stop calling ``listener``."""
+        self._listeners.remove(listener)
+
+    # -- per call ---------------------------------------------------------------------
+    def _plan(
+        self,
+        operation: str,
+        model: str | None,
+        *,
+        stream: bool,
+        project: str | None,
+        timeout: float | NotGiven | None,
+        tags: Mapping[str, str] | None,
+        content: object = None,
+    ) -> tuple[CallPlan, CallSpan]:
+        if self._closed:
+            raise SharedOllamaError("client is closed")
+        project = project or self.project
+        now = time.monotonic()
+        self.usage.check(project, now)
+        total = self.config.timeouts.total_s if isinstance(timeout, NotGiven) else timeout
+        plan = CallPlan(
+            pool=self._pool,
+            budget=self._budget,
+            policy=self.config.retry,
+            timeouts=self.config.timeouts,
+            operation=operation,
+            model=model,
+            stream=stream,
+            project=project,
+            request_id=uuid.uuid4().hex,
+            now=now,
+            now_ns=time.monotonic_ns(),
+            total_timeout=total,
+            tags=tags,
+        )
+        span = self._telemetry.start(operation, model, project, stream)
+        span.set_input(content)
+        return plan, span
+
+    def _finish(self, plan: CallPlan, span: CallSpan, error: BaseException | None) -> CallRecord:
+        """Close the call's record and hand it to usage, telemetry and listeners, once."""
+        for att in list(plan.open):  # attempts still holding a slot (cancelled, hedges)
+            plan.end(att, time.monotonic(), time.monotonic_ns(), error=error)
+        record = plan.finish(time.monotonic_ns(), error)
+        span.set_output(plan.output_text)
+        sinks: list[CallListener] = [self.usage, span.end, *self._listeners]
+        for sink in sinks:
+            try:
+                sink(record)
+            except Exception:
+                log.exception("call listener %r failed", sink)
+        return record
+
+    def _annotate(self, plan: CallPlan, exc: BaseException) -> BaseException:
+        if isinstance(exc, SharedOllamaError):
+            plan.annotate(exc)
+        return exc
+
+    def _logical_models(
+        self, listed: Sequence[tuple[str, ListedModel]], running: bool
+    ) -> list[Any]:
+        out: list[Any] = []
+        for url, m in listed:
+            ep = self._pool.by_url(url)
+            logical = ep.logical_for(m.name) if ep else m.name
+            fields: dict[str, Any] = {
+                "model": logical,
+                "served_model": m.name,
+                "endpoint": url,
+                "name": m.name,
+                "size": m.size,
+                "details": m.details,
+            }
+            if running:
+                out.append(RunningModel(size_vram=m.size_vram, expires_at=m.expires_at, **fields))
+            else:
+                out.append(ModelInfo(digest=m.digest, modified_at=m.modified_at, **fields))
+        return out
+
+    def __repr__(self) -> str:
+        eps = ", ".join(e.display_name for e in self.config.endpoints)
+        return f"{type(self).__name__}(project={self.project!r}, endpoints=[{eps}])"
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors(include_input=False)[0]
+            return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        except Exception:
+            pass
+    return type(exc).__name__

@@ -1,0 +1,199 @@
+"""Typed call arguments -> per-codec request builders and reply parsers (pure).
+
+The public methods of both clients only gather their arguments; everything that turns
+them into wire requests and typed results is here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import ValidationError
+
+from ..errors import InvalidRequest
+from ..protocols import (
+    ChatRequest,
+    Codec,
+    EmbedRequest,
+    GenerateRequest,
+    Parsed,
+    WireRequest,
+    WireResponse,
+)
+from ..types import Message, MessageLike
+
+__all__ = ["Op", "chat_op", "embed_op", "generate_op", "show_op"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Op(Generic[T]):
+    """What one routed call sends and how its reply is parsed, for any codec."""
+
+    operation: str
+    model: str
+    stream: bool
+    build: Callable[[Codec, str], WireRequest]
+    parse: Callable[[Codec, WireResponse], T]
+    #: The messages or prompt, for telemetry's opt-in content capture.
+    content: object = None
+
+
+def _check_model(model: str) -> str:
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("model must be a non-empty string", model=None)
+    return model
+
+
+def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise InvalidRequest(f"options must be a mapping, got {type(options).__name__}")
+    return dict(options)
+
+
+def _messages(messages: Sequence[MessageLike] | None) -> list[Message]:
+    if messages is None:
+        return []
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise InvalidRequest("messages must be a list of {'role': ..., 'content': ...}")
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            out.append(m)
+            continue
+        if not isinstance(m, Mapping):
+            raise InvalidRequest(f"messages[{i}] must be a mapping or Message")
+        try:
+            out.append(Message.model_validate(dict(m)))
+        except ValidationError as exc:
+            raise InvalidRequest(f"messages[{i}] is invalid: {exc.errors()[0]['msg']}") from None
+    return out
+
+
+def chat_op(
+    model: str,
+    messages: Sequence[MessageLike] | None,
+    *,
+    tools: Sequence[Mapping[str, Any]] | None,
+    stream: bool,
+    think: bool | str | None,
+    format: Any,
+    options: Mapping[str, Any] | None,
+    keep_alive: float | str | None,
+) -> Op[Parsed]:
+    """A chat call."""
+    msgs = _messages(messages)
+    opts = _options(options)
+    tool_list = [dict(t) for t in tools] if tools else None
+
+    def build(codec: Codec, served: str) -> WireRequest:
+        return codec.chat(
+            ChatRequest(
+                model=served,
+                messages=msgs,
+                stream=stream,
+                options=opts,
+                format=format,
+                tools=tool_list,
+                think=think,
+                keep_alive=keep_alive,
+            )
+        )
+
+    return Op("chat", _check_model(model), stream, build, lambda c, r: c.parse_chat(r), msgs)
+
+
+def generate_op(
+    model: str,
+    prompt: str,
+    *,
+    suffix: str | None,
+    system: str | None,
+    template: str | None,
+    context: Sequence[int] | None,
+    stream: bool,
+    think: bool | str | None,
+    raw: bool | None,
+    format: Any,
+    images: Sequence[str] | None,
+    options: Mapping[str, Any] | None,
+    keep_alive: float | str | None,
+) -> Op[Parsed]:
+    """A completion call."""
+    if not isinstance(prompt, str):
+        raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
+    opts = _options(options)
+
+    def build(codec: Codec, served: str) -> WireRequest:
+        return codec.generate(
+            GenerateRequest(
+                model=served,
+                prompt=prompt,
+                stream=stream,
+                suffix=suffix,
+                system=system,
+                template=template,
+                context=list(context) if context is not None else None,
+                images=list(images) if images is not None else None,
+                raw=raw,
+                options=opts,
+                format=format,
+                think=think,
+                keep_alive=keep_alive,
+            )
+        )
+
+    parse = lambda c, r: c.parse_generate(r)  # noqa: E731
+    return Op("generate", _check_model(model), stream, build, parse, prompt)
+
+
+def embed_op(
+    model: str,
+    input: str | Sequence[str],
+    *,
+    truncate: bool | None,
+    options: Mapping[str, Any] | None,
+    keep_alive: float | str | None,
+    dimensions: int | None,
+) -> Op[Parsed]:
+    """An embedding call."""
+    inputs = [input] if isinstance(input, str) else list(input)
+    if not inputs or not all(isinstance(i, str) for i in inputs):
+        raise InvalidRequest("input must be a string or a non-empty list of strings")
+    opts = _options(options)
+
+    def build(codec: Codec, served: str) -> WireRequest:
+        return codec.embed(
+            EmbedRequest(
+                model=served,
+                input=inputs,
+                truncate=truncate,
+                dimensions=dimensions,
+                options=opts,
+                keep_alive=keep_alive,
+            )
+        )
+
+    return Op("embed", _check_model(model), False, build, lambda c, r: c.parse_embed(r), inputs)
+
+
+def show_op(model: str) -> Op[dict[str, Any]]:
+    """A model description; protocols without a show route answer from their model list."""
+    _check_model(model)
+
+    def build(codec: Codec, served: str) -> WireRequest:
+        return codec.show(served) or codec.list_models()
+
+    def parse(codec: Codec, resp: WireResponse) -> dict[str, Any]:
+        if codec.show(model) is not None:
+            return codec.parse_show(resp)
+        listed = codec.parse_list(resp)
+        details = next((m.details for m in listed if m.name == model), {})
+        return {"details": dict(details)}
+
+    return Op("show", model, False, build, parse)

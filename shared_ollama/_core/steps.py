@@ -1,0 +1,316 @@
+"""Every call's logic written once, as generators that yield I/O operations.
+
+A driver runs a step generator by performing each yielded ``Send``/``Read``/``Close``/
+``NOW`` and sending the result back (or throwing the typed error in): the async driver
+awaits, the sync driver blocks. Nothing here touches a socket, a loop or the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias, TypeVar
+
+from ..config import Endpoint
+from ..errors import NoEndpointAvailable, SharedOllamaError
+from ..pool import AUTO_PROBES, EndpointState, detect_kind
+from ..protocols import Codec, ListedModel, Parsed, Piece, WireRequest, WireResponse
+from .plan import Attempt, CallPlan
+from .requests import Op
+from .status import error_for_response
+from .streams import StreamState
+
+__all__ = [
+    "NOW",
+    "WALL",
+    "Close",
+    "Head",
+    "IOOp",
+    "Opened",
+    "Read",
+    "Send",
+    "Steps",
+    "attempt",
+    "detect",
+    "interrupted",
+    "list_one",
+    "open_stream",
+    "probe",
+    "read_more",
+    "request_headers",
+]
+
+T = TypeVar("T")
+Phase: TypeAlias = Literal["first_chunk", "between_chunks"]
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The status line and headers of a reply; ``handle`` is the driver's response."""
+
+    status: int
+    headers: Mapping[str, str]
+    handle: Any
+    t_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``wire`` and return its ``Head``; the body is read separately."""
+
+    endpoint: EndpointState
+    wire: WireRequest
+    headers: Mapping[str, str]
+    #: Phase deadline in seconds (the driver shortens it to the call's total deadline).
+    limit: float | None
+    deadline: float | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Read the whole body (``whole``) or the next bytes of a stream (None at its end)."""
+
+    head: Head
+    endpoint: EndpointState
+    phase: Phase
+    limit: float | None
+    deadline: float | None = None
+    whole: bool = False
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Release the reply's connection."""
+
+    head: Head
+
+
+class _Now:
+    """Ask the driver for ``(monotonic seconds, monotonic ns)``."""
+
+
+class _Wall:
+    """Ask the driver for wall-clock epoch seconds (HTTP-date ``Retry-After``)."""
+
+
+NOW = _Now()
+WALL = _Wall()
+IOOp: TypeAlias = Send | Read | Close | _Now | _Wall
+Steps: TypeAlias = Generator[IOOp, Any, T]
+
+
+def request_headers(
+    endpoint: Endpoint, request_id: str, project: str, extra: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Headers of one attempt: endpoint's own, tracing, project and auth (added last)."""
+    headers = dict(endpoint.headers)
+    headers["x-request-id"] = request_id
+    headers["x-shared-ollama-project"] = project
+    if extra:
+        headers.update(extra)
+    if endpoint.api_key is not None:
+        headers["authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"
+    return headers
+
+
+def _error(codec: Codec, reply: WireResponse, ep: EndpointState, plan: CallPlan | None,
+           now_epoch: float = 0.0) -> SharedOllamaError:  # fmt: skip
+    return error_for_response(
+        codec,
+        reply,
+        endpoint=ep.url,
+        model=plan.model if plan else None,
+        attempts=plan.attempts if plan else 0,
+        request_id=plan.record.request_id if plan else None,
+        now_epoch=now_epoch,
+    )
+
+
+def _send(plan: CallPlan, ep: EndpointState, wire: WireRequest,
+          trace: Mapping[str, str]) -> Send:  # fmt: skip
+    headers = request_headers(ep.config, plan.record.request_id, plan.record.project, trace)
+    return Send(ep, wire, headers, plan.timeouts.first_chunk_s, plan.deadline, plan.model)
+
+
+def _read(plan: CallPlan, head: Head, ep: EndpointState, *, whole: bool) -> Read:
+    first = plan.record.t_first_chunk_ns is None
+    phase: Phase = "first_chunk" if first or whole else "between_chunks"
+    t = plan.timeouts
+    limit = t.first_chunk_s if phase == "first_chunk" else t.between_chunks_s
+    return Read(head, ep, phase, limit, plan.deadline, whole, plan.model)
+
+
+def attempt(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:
+    """One non-stream attempt: route, send, read, classify, parse."""
+    now, now_ns = yield NOW
+    choice = plan.choose(now)
+    ep = choice.endpoint
+    codec = ep.codec
+    assert codec is not None
+    att = plan.begin(choice, now_ns)
+    status: int | None = None
+    error: BaseException | None = None
+    try:
+        with ep.breaker.calling():
+            head: Head = yield _send(plan, ep, op.build(codec, choice.served_model), trace)
+            status = head.status
+            try:
+                body: bytes = yield _read(plan, head, ep, whole=True)
+            finally:
+                yield Close(head)
+            reply = WireResponse(head.status, head.headers, body)
+            if status >= 400:
+                raise _error(codec, reply, ep, plan, (yield WALL))
+            result = op.parse(codec, reply)
+        if isinstance(result, Parsed):
+            result.server_timings.update(codec.response_timings(reply.headers))
+            plan.use(att)
+            plan.on_parsed(result, head.t_ns)
+        return result
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        now, now_ns = yield NOW
+        plan.end(att, now, now_ns, error=error, status_code=status)
+
+
+@dataclass(slots=True)
+class Opened:
+    """A stream with its first deliverable pieces (nothing delivered to the caller yet)."""
+
+    head: Head
+    attempt: Attempt
+    state: StreamState
+    pending: list[Piece] = field(default_factory=list)
+    eof: bool = False
+
+    @property
+    def endpoint(self) -> EndpointState:
+        """Where the stream comes from."""
+        return self.attempt.choice.endpoint
+
+
+def open_stream(plan: CallPlan, op: Op[Parsed], trace: Mapping[str, str]) -> Steps[Opened]:
+    """Connect and read until the first deliverable chunk; the whole of it is retryable."""
+    now, now_ns = yield NOW
+    choice = plan.choose(now)
+    ep = choice.endpoint
+    codec = ep.codec
+    assert codec is not None
+    att = plan.begin(choice, now_ns)
+    head: Head | None = None
+    try:
+        with ep.breaker.calling():
+            head = yield _send(plan, ep, op.build(codec, choice.served_model), trace)
+            if head.status >= 400:
+                body: bytes = yield _read(plan, head, ep, whole=True)
+                reply = WireResponse(head.status, head.headers, body)
+                raise _error(codec, reply, ep, plan, (yield WALL))
+            plan.record.server_timings.update(codec.response_timings(head.headers))
+            kind: Literal["chat", "generate"] = "chat" if op.operation == "chat" else "generate"
+            opened = Opened(head, att, StreamState(plan, codec.stream_parser(kind)))
+            while not opened.pending and not opened.eof:
+                yield from read_more(plan, opened)
+        return opened
+    except BaseException as exc:
+        if head is not None:
+            yield Close(head)
+        now, now_ns = yield NOW
+        plan.end(att, now, now_ns, error=exc, status_code=head.status if head else None)
+        raise
+
+
+def read_more(plan: CallPlan, opened: Opened) -> Steps[None]:
+    """Read the next bytes of an open stream into ``opened.pending``."""
+    data: bytes | None = yield _read(plan, opened.head, opened.endpoint, whole=False)
+    now, now_ns = yield NOW
+    if data is None:
+        opened.eof = True
+        opened.pending.extend(opened.state.end(now_ns))
+        plan.end(opened.attempt, now, now_ns, status_code=opened.head.status)
+    else:
+        opened.pending.extend(opened.state.feed(data, now_ns))
+
+
+def interrupted(plan: CallPlan, opened: Opened, cause: SharedOllamaError) -> SharedOllamaError:
+    """A stream broke after delivery: count it against the endpoint, never retry it."""
+    opened.endpoint.breaker.record_failure(cause)
+    return plan.interrupted(cause)
+
+
+def _simple(ep: EndpointState, wire: WireRequest, project: str,
+            timeout: float) -> Steps[WireResponse]:  # fmt: skip
+    headers = request_headers(ep.config, "probe", project, None)
+    head: Head = yield Send(ep, wire, headers, timeout)
+    try:
+        body: bytes = yield Read(head, ep, "first_chunk", timeout, whole=True)
+    finally:
+        yield Close(head)
+    return WireResponse(head.status, head.headers, body)
+
+
+def detect(ep: EndpointState, project: str, timeout: float) -> Steps[None]:
+    """Find which protocol an ``auto`` endpoint speaks."""
+    for candidate in AUTO_PROBES:
+        try:
+            reply = yield from _simple(ep, candidate.request, project, timeout)
+        except SharedOllamaError as exc:
+            ep.kind_error = exc.message
+            return
+        if kind := detect_kind(candidate, reply):
+            ep.set_kind(kind)
+            return
+    ep.kind_error = "no known protocol answered"
+
+
+def probe(ep: EndpointState, project: str, timeout: float, refresh_models: bool,
+          health: bool = True) -> Steps[None]:  # fmt: skip
+    """Health check through the breaker (a half-open probe), then model discovery.
+
+    With ``health=False`` (health checks disabled) only the protocol and the models are
+    discovered: nothing would ever mark the endpoint up again, so it is never marked down.
+    """
+    try:
+        if ep.codec is None:
+            yield from detect(ep, project, timeout)
+        codec = ep.codec
+        if codec is None:
+            return
+        if health:
+            with ep.breaker.calling():
+                reply = yield from _simple(ep, codec.health(), project, timeout)
+                if reply.status >= 500:
+                    raise _error(codec, reply, ep, None)
+            ep.set_health("up")
+        if refresh_models:
+            listed = yield from _simple(ep, codec.list_models(), project, timeout)
+            if listed.status == 200:
+                ep.set_models(m.name for m in codec.parse_list(listed))
+            if (ps := codec.ps()) is not None:
+                loaded = yield from _simple(ep, ps, project, timeout)
+                if loaded.status == 200:
+                    ep.set_loaded(m.name for m in codec.parse_ps(loaded))
+    except SharedOllamaError as exc:
+        if health:
+            ep.set_health("down", exc.message)
+
+
+def list_one(ep: EndpointState, operation: str, project: str,
+             timeout: float) -> Steps[list[tuple[str, ListedModel]]]:  # fmt: skip
+    """One endpoint's models (``list``) or loaded models (``ps``)."""
+    if ep.codec is None:
+        yield from detect(ep, project, timeout)
+    codec = ep.codec
+    if codec is None:
+        raise NoEndpointAvailable("protocol not detected", endpoint=ep.url)
+    ps = codec.ps() if operation == "ps" else None
+    reply = yield from _simple(ep, ps or codec.list_models(), project, timeout)
+    if reply.status >= 400:
+        raise _error(codec, reply, ep, None)
+    models = codec.parse_ps(reply) if ps else codec.parse_list(reply)
+    if operation == "list":
+        ep.set_models(m.name for m in models)
+    return [(ep.url, m) for m in models]

@@ -1,0 +1,250 @@
+"""Configuration models: endpoints, pool, retry/breaker/timeout/health policies.
+
+Loaded from keyword arguments, a TOML file (``from_config``) or ``SHARED_OLLAMA_*`` env vars.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "BreakerPolicy",
+    "Budget",
+    "Endpoint",
+    "EndpointKind",
+    "HealthPolicy",
+    "PoolConfig",
+    "RetryPolicy",
+    "Timeouts",
+    "UsageConfig",
+    "load_config",
+]
+
+EndpointKind: TypeAlias = Literal["ollama", "openai", "tgi", "auto"]
+Strategy: TypeAlias = Literal["least_loaded", "round_robin", "weighted", "priority"]
+
+
+class Endpoint(BaseModel):
+    """One server of the pool.
+
+    ``models`` maps logical names to the backend's names (``{"llama3.2":
+    "meta-llama/Llama-3.2-3B-Instruct"}``); a list means the names are the same on both
+    sides. Models the endpoint reports itself are added by discovery.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    kind: EndpointKind = "auto"
+    api_key: SecretStr | None = None
+    models: dict[str, str] = Field(default_factory=dict)
+    name: str = ""
+    weight: float = Field(default=1.0, gt=0)
+    priority: int = 0
+    #: Most concurrent calls this library sends here (e.g. Ollama's OLLAMA_NUM_PARALLEL);
+    #: beyond it calls go elsewhere or wait. None: no cap.
+    max_in_flight: int | None = Field(default=None, ge=1)
+    #: httpx connection pool size for this endpoint.
+    max_connections: int = Field(default=64, ge=1)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    def __init__(self, url: str | None = None, /, **data: Any) -> None:
+        if url is not None:
+            data["url"] = url
+        super().__init__(**data)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"endpoint url must be http(s)://host[:port], got {v!r}")
+        if parts.username or parts.password:
+            raise ValueError("put credentials in api_key, not in the url")
+        return v.rstrip("/")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, str):
+            return {v: v}
+        if isinstance(v, Sequence):
+            return {str(m): str(m) for m in v}
+        return v
+
+    @property
+    def display_name(self) -> str:
+        """``name`` or ``host:port``."""
+        if self.name:
+            return self.name
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+    def __repr__(self) -> str:
+        key = ", api_key='***'" if self.api_key is not None else ""
+        return f"Endpoint({self.url!r}, kind={self.kind!r}{key})"
+
+    __str__ = __repr__
+
+
+class RetryPolicy(BaseModel):
+    """When and how calls are retried (see docs/resilience.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int = Field(default=3, ge=1)
+    backoff_initial_s: float = Field(default=0.1, ge=0)
+    backoff_max_s: float = Field(default=5.0, ge=0)
+    retry_after_cap_s: float = Field(default=30.0, ge=0)
+    #: Retries may be at most this share of calls in the window (plus ``budget_min``).
+    budget_ratio: float = Field(default=0.2, ge=0)
+    budget_window_s: float = Field(default=60.0, gt=0)
+    budget_min: int = Field(default=10, ge=0)
+
+
+class BreakerPolicy(BaseModel):
+    """Circuit breaker per endpoint."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    failure_threshold: int = Field(default=5, ge=1)
+    reset_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class Timeouts(BaseModel):
+    """Deadlines; ``None`` disables one (not recommended)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    connect_s: float | None = Field(default=5.0, gt=0)
+    #: Until the first byte of the reply (non-stream) or the first chunk (stream).
+    first_chunk_s: float | None = Field(default=120.0, gt=0)
+    between_chunks_s: float | None = Field(default=60.0, gt=0)
+    #: Bounds the whole call, all retries and waits included.
+    total_s: float | None = Field(default=600.0, gt=0)
+
+
+class HealthPolicy(BaseModel):
+    """Active health probes and model discovery."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    interval_s: float = Field(default=15.0, gt=0)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+    timeout_s: float = Field(default=3.0, gt=0)
+    #: Model lists (``/api/tags``, ``/v1/models``, ``/info``) are refreshed this often.
+    models_refresh_s: float = Field(default=60.0, gt=0)
+
+
+class Budget(BaseModel):
+    """Per-project limits, enforced in-process before a call is sent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
+
+
+class UsageConfig(BaseModel):
+    """The usage ledger."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    #: SQLite file; None: the per-user default (see ``usage.ledger.default_path``).
+    path: str | None = None
+    batch_size: int = Field(default=500, ge=1)
+    flush_interval_s: float = Field(default=0.5, gt=0)
+
+
+class PoolConfig(BaseModel):
+    """Everything a client needs; what ``SharedClient(**kwargs)`` builds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    project: str = "default"
+    strategy: Strategy = "least_loaded"
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    health: HealthPolicy = Field(default_factory=HealthPolicy)
+    usage: UsageConfig = Field(default_factory=UsageConfig)
+    budgets: dict[str, Budget] = Field(default_factory=dict)
+    #: Send a second copy of a non-stream call after the p95 latency (off by default).
+    hedging: bool = False
+
+
+_ENV = "SHARED_OLLAMA_"
+
+
+def _env_endpoints(value: str) -> list[dict[str, Any]]:
+    # "http://a:11434=ollama,http://b:8000=openai" (kind optional)
+    out: list[dict[str, Any]] = []
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        url, _, kind = item.partition("=")
+        out.append({"url": url, "kind": kind or "auto"})
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> PoolConfig:
+    """Build a ``PoolConfig`` from a TOML file, ``SHARED_OLLAMA_*`` env vars and overrides.
+
+    Precedence: overrides > env > file. ``path`` defaults to ``$SHARED_OLLAMA_CONFIG``.
+    Env: ``SHARED_OLLAMA_ENDPOINTS`` (``url[=kind],...``), ``SHARED_OLLAMA_PROJECT``,
+    ``SHARED_OLLAMA_STRATEGY``, ``SHARED_OLLAMA_LEDGER`` (ledger path),
+    ``SHARED_OLLAMA_API_KEY`` (applied to env-given endpoints).
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = path or env.get(_ENV + "CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data = data.get("shared_ollama", data)
+    if value := env.get(_ENV + "ENDPOINTS"):
+        eps = _env_endpoints(value)
+        if key := env.get(_ENV + "API_KEY"):
+            for ep in eps:
+                ep["api_key"] = key
+        data["endpoints"] = eps
+    if value := env.get(_ENV + "PROJECT"):
+        data["project"] = value
+    if value := env.get(_ENV + "STRATEGY"):
+        data["strategy"] = value
+    if value := env.get(_ENV + "LEDGER"):
+        data["usage"] = {**data.get("usage", {}), "path": value}
+    data.update(overrides)
+    try:
+        return PoolConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_short(exc)}") from None
+
+
+def _short(exc: ValidationError) -> str:
+    # Never echo input values: an api_key may be among them.
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)
+    )

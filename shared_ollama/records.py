@@ -1,0 +1,98 @@
+"""CallRecord: the single source of truth about one call, emitted once per call.
+
+Usage accounting, telemetry and the bench all read CallRecords; none of them re-measures.
+Timestamps are ``time.monotonic_ns()`` values taken by the drivers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+__all__ = ["AttemptRecord", "CallListener", "CallRecord", "Outcome", "PoolEvent"]
+
+Outcome: TypeAlias = Literal["ok", "error", "interrupted", "cancelled"]
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """One try of a call against one endpoint."""
+
+    endpoint: str
+    t_start_ns: int
+    t_end_ns: int = 0
+    status_code: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEvent:
+    """Something the pool did: a breaker changing state, an endpoint going up or down."""
+
+    kind: Literal["breaker", "health"]
+    endpoint: str
+    old: str
+    new: str
+    t_ns: int
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """Everything known about one call once it has ended (successfully or not)."""
+
+    request_id: str
+    project: str
+    operation: str
+    model: str | None
+    stream: bool
+    t_start_ns: int
+    t_end_ns: int = 0
+    t_first_chunk_ns: int | None = None
+    served_model: str | None = None
+    endpoint: str | None = None
+    endpoint_name: str | None = None
+    protocol: str | None = None
+    outcome: Outcome = "ok"
+    error_type: str | None = None
+    error_message: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reason: str | None = None
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    #: Arrival time of each chunk delivered to the caller (streams only).
+    chunk_times_ns: list[int] = field(default_factory=list)
+    #: Tokens carried by each chunk, where the server said; None where unknown.
+    chunk_tokens: list[int | None] = field(default_factory=list)
+    #: The server's own timings (see ``types.ServerTimings``), by field name.
+    server_timings: dict[str, float] = field(default_factory=dict)
+    #: Pool events caused by this call (breaker transitions).
+    events: list[PoolEvent] = field(default_factory=list)
+    #: Free-form tags (the bench marks its workload/phase here).
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        """End-to-end seconds, retries and waits included."""
+        return (self.t_end_ns - self.t_start_ns) / 1e9
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds to the first chunk (stream) or the first body byte, if one came."""
+        if self.t_first_chunk_ns is None:
+            return None
+        return (self.t_first_chunk_ns - self.t_start_ns) / 1e9
+
+    @property
+    def ok(self) -> bool:
+        """True when the call succeeded."""
+        return self.outcome == "ok"
+
+    @property
+    def retries(self) -> int:
+        """Attempts beyond the first."""
+        return max(0, len(self.attempts) - 1)
+
+
+CallListener: TypeAlias = Callable[[CallRecord], None]
