@@ -1,0 +1,146 @@
+"""The circuit breaker of one endpoint: pybreaker's state machine plus a half-open gate.
+
+pybreaker has no asyncio support, so both drivers use ``with breaker.calling():`` around
+their own I/O; only ``SharedOllamaError``s marked ``breaker_failure`` count as failures.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeAlias
+
+import pybreaker
+
+from ..config import BreakerPolicy
+from ..errors import CircuitOpen, SharedOllamaError
+from ..records import PoolEvent
+
+__all__ = ["BreakerState", "EndpointBreaker"]
+
+BreakerState: TypeAlias = Literal["closed", "open", "half_open"]
+
+_NAMES: dict[str, BreakerState] = {
+    pybreaker.STATE_CLOSED: "closed",
+    pybreaker.STATE_OPEN: "open",
+    pybreaker.STATE_HALF_OPEN: "half_open",
+}
+
+
+def _not_a_failure(exc: BaseException) -> bool:
+    # pybreaker's `exclude`: anything that is not an endpoint fault (4xx, overload,
+    # cancellation, bugs in the caller) must not trip the breaker.
+    return not (isinstance(exc, SharedOllamaError) and exc.breaker_failure)
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: EndpointBreaker) -> None:
+        self._owner = owner
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        old = _NAMES.get(old_state.name if old_state else "", "closed")
+        self._owner._on_change(old, _NAMES.get(new_state.name, "closed"))
+
+
+class EndpointBreaker:
+    """Breaker for one endpoint; thread-safe; state changes become ``PoolEvent``s."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        policy: BreakerPolicy,
+        *,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.endpoint = endpoint
+        self.policy = policy
+        self._clock_ns = clock_ns
+        self._lock = threading.Lock()
+        self._events: list[PoolEvent] = []
+        self._probing = False
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=policy.failure_threshold,
+            reset_timeout=policy.reset_timeout_s,
+            exclude=[_not_a_failure],
+            listeners=[_Listener(self)],
+            name=endpoint,
+            # Let the real error surface; the pool reports the open state separately.
+            throw_new_error_on_trip=False,
+        )
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def state(self) -> BreakerState:
+        """Current state (``open`` stays ``open`` until a probe is admitted)."""
+        return _NAMES.get(self._cb.current_state, "closed")
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failures counted so far."""
+        return int(self._cb.fail_counter)
+
+    def seconds_until_probe(self) -> float:
+        """Seconds until an open breaker admits a probe (0 when it would now)."""
+        if self.state != "open":
+            return 0.0
+        opened_at = self._cb._state_storage.opened_at
+        if opened_at is None:
+            return 0.0
+        elapsed = (datetime.now(UTC) - opened_at).total_seconds()
+        return max(0.0, self.policy.reset_timeout_s - elapsed)
+
+    def admits(self) -> tuple[bool, str | None]:
+        """Whether a call may be sent now, and if not, why."""
+        state = self.state
+        if state == "closed":
+            return True, None
+        if state == "open" and (wait := self.seconds_until_probe()) > 0:
+            return False, f"circuit open (probe in {wait:.1f}s)"
+        with self._lock:
+            if self._probing:
+                return False, "circuit half-open, probe in flight"
+        return True, None
+
+    # -- calls ------------------------------------------------------------------------
+    @contextmanager
+    def calling(self) -> Iterator[None]:
+        """Guard one attempt; a half-open breaker admits a single probe at a time."""
+        probe = self.state != "closed"
+        if probe:
+            with self._lock:
+                if self._probing:
+                    raise CircuitOpen("circuit half-open, probe in flight", endpoint=self.endpoint)
+                self._probing = True
+        try:
+            with self._cb.calling():
+                yield
+        except pybreaker.CircuitBreakerError:
+            raise CircuitOpen("circuit open", endpoint=self.endpoint) from None
+        finally:
+            if probe:
+                with self._lock:
+                    self._probing = False
+
+    def record_failure(self, exc: SharedOllamaError) -> None:
+        """Count a failure seen outside ``calling()`` (e.g. a stream cut mid-way)."""
+        try:
+            with self._cb.calling():
+                raise exc
+        except BaseException:
+            pass
+
+    def drain_events(self) -> list[PoolEvent]:
+        """Take the state changes recorded since the last call."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def _on_change(self, old: BreakerState, new: BreakerState) -> None:
+        if old == new:
+            return
+        event = PoolEvent("breaker", self.endpoint, old, new, self._clock_ns())
+        with self._lock:
+            self._events.append(event)

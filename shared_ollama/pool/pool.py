@@ -1,0 +1,153 @@
+"""The pool: endpoint states, eligibility for one call, strategy, and status.
+
+``choose`` is the one place that decides where a call goes or why it cannot go anywhere;
+it takes ``now`` and does no I/O.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from ..config import PoolConfig
+from .endpoint import EndpointState, EndpointStatus
+from .router import Strategy, make_strategy
+
+__all__ = ["Choice", "Pool", "Unavailable"]
+
+# Hedging needs a latency distribution before it can pick "after the p95".
+_HEDGE_MIN_SAMPLES = 20
+_LATENCY_WINDOW = 500
+
+# Served by every protocol: where there is no show route the model list answers it.
+_EVERYWHERE = frozenset({"show"})
+
+# Re-check interval when endpoints are only saturated (in-flight cap): releases also
+# wake waiters, this just bounds a missed wake-up.
+_SATURATED_RECHECK_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Where a call goes."""
+
+    endpoint: EndpointState
+    served_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Why no endpoint can take the call now, and when one might."""
+
+    reasons: dict[str, str]
+    #: None when nothing will change by waiting (no endpoint serves the model at all).
+    retry_in: float | None
+    model_known: bool
+    #: True when no endpoint of the pool can serve the operation at all (e.g. TGI embed).
+    unsupported: bool = False
+
+
+class Pool:
+    """All endpoints of a client, and the routing decision."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        strategy: Strategy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.endpoints = [EndpointState(ep, config.breaker) for ep in config.endpoints]
+        self.strategy = strategy or make_strategy(config.strategy)
+        self.rng = rng or random.Random()
+        self._latencies: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, operation: str, latency_s: float) -> None:
+        """Remember a successful non-stream call's latency (for hedging)."""
+        with self._lock:
+            window = self._latencies.setdefault(operation, deque(maxlen=_LATENCY_WINDOW))
+            window.append(latency_s)
+
+    def p95(self, operation: str) -> float | None:
+        """95th percentile of recent latencies, once there are enough samples."""
+        with self._lock:
+            window = sorted(self._latencies.get(operation, ()))
+        if len(window) < _HEDGE_MIN_SAMPLES:
+            return None
+        return window[min(len(window) - 1, int(0.95 * len(window)))]
+
+    def choose(
+        self,
+        model: str,
+        operation: str,
+        now: float,
+        *,
+        avoid: Collection[str] = (),
+    ) -> Choice | Unavailable:
+        """Pick an endpoint for ``model``/``operation``; prefer ones not in ``avoid``."""
+        eligible: list[tuple[EndpointState, str]] = []
+        reasons: dict[str, str] = {}
+        waits: list[float] = []
+        known = False
+        supported = False
+        for ep in self.endpoints:
+            supported = (
+                supported
+                or ep.codec is None
+                or operation in ep.codec.operations
+                or operation in _EVERYWHERE
+            )
+            why, wait = self._ineligible(ep, model, operation, now)
+            if why is None:
+                served = ep.served_name(model)
+                assert served is not None
+                eligible.append((ep, served))
+                known = True
+                continue
+            reasons[ep.name] = why
+            if wait is not None:
+                known = True
+                waits.append(wait)
+        if eligible:
+            fresh = [(ep, s) for ep, s in eligible if ep.url not in avoid] or eligible
+            served_by = {id(ep): s for ep, s in fresh}
+            picked = self.strategy.pick([ep for ep, _ in fresh], model, self.rng, now)
+            return Choice(picked, served_by[id(picked)])
+        return Unavailable(reasons, min(waits) if waits else None, known, not supported)
+
+    def _ineligible(
+        self, ep: EndpointState, model: str, operation: str, now: float
+    ) -> tuple[str | None, float | None]:
+        """(why not, seconds until it may change) — (None, None) when eligible."""
+        if ep.codec is None:
+            return f"protocol not detected yet ({ep.kind_error or 'probing'})", 1.0
+        if operation not in ep.codec.operations and operation not in _EVERYWHERE:
+            return f"{ep.kind} endpoints do not serve {operation}", None
+        if ep.served_name(model) is None:
+            return f"does not serve {model!r}", None
+        if ep.health == "down":
+            interval = self.config.health.interval_s
+            return f"down ({ep.last_error or 'health probe failed'})", interval
+        admits, why = ep.breaker.admits()
+        if not admits:
+            return why, max(ep.breaker.seconds_until_probe(), _SATURATED_RECHECK_S)
+        if ep.backoff_until > now:
+            wait = ep.backoff_until - now
+            return f"backing off {wait:.1f}s (server asked: Retry-After)", wait
+        cap = ep.config.max_in_flight
+        if cap is not None and ep.in_flight >= cap:
+            return f"saturated ({ep.in_flight}/{cap} in flight)", _SATURATED_RECHECK_S
+        return None, None
+
+    def by_url(self, url: str) -> EndpointState | None:
+        """The endpoint with this URL."""
+        return next((ep for ep in self.endpoints if ep.url == url), None)
+
+    def status(self, now: float) -> list[EndpointStatus]:
+        """A snapshot of every endpoint."""
+        return [ep.status(now) for ep in self.endpoints]
