@@ -1,0 +1,239 @@
+"""The runner: sends the workload's requests through a SharedClient on a schedule's times.
+
+It only sleeps, sends and reads streams to the end; the client's CallRecords (kept by the
+``Collector``) are the measurements. ``stop()`` ends a run early and cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ..client import SharedClient
+from ..errors import SharedOllamaError
+from ..types import ChatChunk, GenerateChunk
+from .collector import PHASE_TAG, SEQ_TAG, WORKLOAD_TAG, Collector
+from .result import RequestRecord
+from .scheduler import ClosedLoop, OpenLoop, PhasePlan, Stop, planned_arrivals
+from .workload import RequestSpec, WorkloadMix
+
+__all__ = ["PhaseRun", "ProgressSink", "Runner", "has_content"]
+
+WARMUP = "warmup"
+
+
+class ProgressSink(Protocol):
+    """Where the runner reports progress (the CLI's rich progress bar)."""
+
+    def start_phase(self, name: str, stop: Stop) -> None:
+        """A phase begins."""
+
+    def end_phase(self) -> None:
+        """The phase ended (all its calls are done)."""
+
+
+@dataclass
+class PhaseRun:
+    """What one phase produced: its requests and how it ended."""
+
+    plan: PhasePlan
+    t_start_ns: int
+    t_end_ns: int
+    stop_reason: Literal["requests", "duration", "interrupted"]
+    requests: list[RequestRecord] = field(default_factory=list)
+    unrecorded: int = 0
+
+
+def has_content(chunk: Any) -> bool:
+    """Whether a streamed chunk carries content (text, thinking or tool calls)."""
+    msg = getattr(chunk, "message", None)
+    if msg is not None:
+        return bool(msg.content or msg.thinking or msg.tool_calls)
+    return bool(getattr(chunk, "response", "") or getattr(chunk, "thinking", None))
+
+
+async def _sleep_until(t_ns: int) -> None:
+    delay = (t_ns - time.monotonic_ns()) / 1e9
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+class Runner:
+    """Runs phases; every request goes through ``client`` tagged for the ``collector``."""
+
+    def __init__(
+        self,
+        client: SharedClient,
+        mix: WorkloadMix,
+        collector: Collector,
+        *,
+        seed: int = 0,
+        progress: ProgressSink | None = None,
+    ) -> None:
+        self.client = client
+        self.mix = mix
+        self.collector = collector
+        self.progress = progress
+        self._rng = random.Random(seed)  # arrival times: independent of the workload's draws
+        self._seq = 0
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop()`` was called."""
+        return self._stopping.is_set()
+
+    def stop(self) -> None:
+        """Send nothing more and cancel calls in flight (their records say "cancelled")."""
+        self._stopping.set()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- one request ------------------------------------------------------------------
+    async def _send(self, spec: RequestSpec, phase: str, t_scheduled_ns: int | None) -> None:
+        self._seq += 1
+        seq = self._seq
+        tags = {SEQ_TAG: str(seq), PHASE_TAG: phase, WORKLOAD_TAG: spec.workload}
+        self.collector.sent(seq, phase, spec.workload, t_scheduled_ns)
+        content: list[bool] | None = [] if spec.stream else None
+        error: str | None = None
+        try:
+            await self._exchange(spec, tags, content)
+        except SharedOllamaError:
+            pass  # the CallRecord says what failed
+        except Exception as exc:  # a bug somewhere: keep measuring, say so in the result
+            error = type(exc).__name__
+        finally:
+            self.collector.saw(seq, content, error)
+
+    async def _exchange(
+        self, spec: RequestSpec, tags: dict[str, str], content: list[bool] | None
+    ) -> None:
+        opts = spec.call_options()
+        chunks: AsyncIterator[ChatChunk] | AsyncIterator[GenerateChunk]
+        if spec.operation == "chat":
+            if content is None:
+                await self.client.chat(spec.model, spec.messages, options=opts, tags=tags)
+                return
+            chunks = await self.client.chat(
+                spec.model, spec.messages, stream=True, options=opts, tags=tags
+            )
+        else:
+            prompt, system = spec.prompt or "", spec.system
+            if content is None:
+                await self.client.generate(
+                    spec.model, prompt, system=system, options=opts, tags=tags
+                )
+                return
+            chunks = await self.client.generate(
+                spec.model, prompt, system=system, stream=True, options=opts, tags=tags
+            )
+        # aclosing: a cancelled stream must emit its record now, not when collected.
+        async with contextlib.aclosing(chunks) as stream:  # type: ignore[type-var]
+            async for chunk in stream:
+                content.append(has_content(chunk))
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _wait(self, tasks: list[asyncio.Task[None]]) -> None:
+        # return_exceptions: a cancelled task (stop()) must not abort the others' wait.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- phases -----------------------------------------------------------------------
+    async def warmup(self, requests: int, concurrency: int = 1) -> None:
+        """Send ``requests`` calls that no result includes (connections, model loads)."""
+        if requests > 0:
+            plan = PhasePlan(WARMUP, ClosedLoop(min(concurrency, requests)), Stop(requests))
+            await self.run(plan)
+
+    async def run(self, plan: PhasePlan) -> PhaseRun:
+        """Run one phase to its stop rule (or ``stop()``) and collect its requests."""
+        if self.progress is not None:
+            self.progress.start_phase(plan.name, plan.stop)
+        t_start = time.monotonic_ns()
+        try:
+            if isinstance(plan.schedule, ClosedLoop):
+                ended = await self._closed(plan, plan.schedule, t_start)
+            else:
+                ended = await self._open(plan, plan.schedule, t_start)
+        finally:
+            if self.progress is not None:
+                self.progress.end_phase()
+        t_end = time.monotonic_ns()
+        requests, unrecorded = self.collector.take(plan.name)
+        reason: Literal["requests", "duration", "interrupted"] = (
+            "interrupted" if self.stopping else ended
+        )
+        return PhaseRun(plan, t_start, t_end, reason, requests, unrecorded)
+
+    async def _closed(
+        self, plan: PhasePlan, sched: ClosedLoop, t0: int
+    ) -> Literal["requests", "duration"]:
+        stop = plan.stop
+        deadline = None if stop.duration_s is None else t0 + int(stop.duration_s * 1e9)
+        left = stop.requests  # None: no count limit
+        timed_out = False
+
+        async def worker(offset_s: float) -> None:
+            nonlocal left, timed_out
+            await _sleep_until(t0 + int(offset_s * 1e9))
+            while not self.stopping and left != 0:
+                if deadline is not None and time.monotonic_ns() >= deadline:
+                    timed_out = True
+                    return
+                if left is not None:
+                    left -= 1
+                await self._send(self.mix.next(), plan.name, None)
+
+        await self._wait([self._spawn(worker(o)) for o in sched.start_offsets()])
+        return "duration" if timed_out else "requests"
+
+    async def _open(
+        self, plan: PhasePlan, sched: OpenLoop, t0: int
+    ) -> Literal["requests", "duration"]:
+        offsets = planned_arrivals(sched, plan.stop, self._rng)
+        # Drawn before the clock starts, so sending costs no workload generation.
+        specs = [self.mix.next() for _ in offsets]
+        tasks: list[asyncio.Task[None]] = []
+        for offset, spec in zip(offsets, specs, strict=True):
+            due = t0 + int(offset * 1e9)
+            await _sleep_until(due)
+            if self.stopping:
+                break
+            # Sent on time whatever the replies do: no coordinated omission.
+            tasks.append(self._spawn(self._send(spec, plan.name, due)))
+        await self._wait(tasks)
+        full = plan.stop.requests is not None and len(offsets) >= plan.stop.requests
+        return "requests" if full else "duration"
+
+    async def sweep_points(
+        self,
+        sync: PhasePlan,
+        saturated: PhasePlan,
+        rate_of: Callable[[PhaseRun], float],
+        make: Callable[[float, float], list[PhasePlan]],
+    ) -> list[PhaseRun]:
+        """Run the synchronous and saturated ends, then the rate phases ``make`` plans."""
+        runs = [await self.run(sync)]
+        if not self.stopping:
+            runs.append(await self.run(saturated))
+        if self.stopping:
+            return runs
+        lo, hi = rate_of(runs[0]), rate_of(runs[1])
+        if lo <= 0 or hi <= 0:
+            return runs  # nothing completed at one end: no rate to sweep to
+        for plan in make(lo, hi):
+            if self.stopping:
+                break
+            runs.append(await self.run(plan))
+        return runs

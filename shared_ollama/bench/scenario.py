@@ -1,0 +1,226 @@
+"""The scenario: pool, workloads, schedules, SLOs and samplers, from TOML and/or CLI flags.
+
+Validated with pydantic; ``load_scenario`` turns every validation error into one readable
+``ScenarioError`` line per problem. ``phase_plans`` expands schedules into phases.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..config import PoolConfig
+from .scheduler import ClosedLoop, OpenLoop, PhasePlan, Stop
+from .workload import Workload
+
+__all__ = [
+    "ConcurrencySpec",
+    "RateSpec",
+    "SamplerSpec",
+    "Scenario",
+    "ScenarioError",
+    "ScheduleSpec",
+    "SloSpec",
+    "SweepSpec",
+    "WarmupSpec",
+    "dedupe_names",
+    "load_scenario",
+    "phase_plans",
+    "public_scenario",
+    "read_scenario_file",
+    "validate_scenario",
+]
+
+
+class ScenarioError(ValueError):
+    """A scenario file or flag is invalid; the message says where and why."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _StopSpec(_Spec):
+    #: Requests per phase (per level or rate); the default when neither is given: 100.
+    requests: int | None = Field(default=None, ge=1)
+    #: Seconds per phase; with ``requests`` too, whichever comes first.
+    duration_s: float | None = Field(default=None, gt=0)
+
+    def stop(self) -> Stop:
+        """The stop rule (100 requests when neither bound is set)."""
+        if self.requests is None and self.duration_s is None:
+            return Stop(requests=100)
+        return Stop(requests=self.requests, duration_s=self.duration_s)
+
+
+class ConcurrencySpec(_StopSpec):
+    """Closed loop: one phase per concurrency level."""
+
+    kind: Literal["concurrency"] = "concurrency"
+    levels: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    ramp_s: float = Field(default=0.0, ge=0)
+
+
+class RateSpec(_StopSpec):
+    """Open loop: one phase per rate (requests per second)."""
+
+    kind: Literal["rate"] = "rate"
+    rates: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    arrival: Literal["constant", "poisson"] = "poisson"
+    #: Gamma shape of inter-arrival times: 1 is Poisson, below 1 burstier.
+    burstiness: float = Field(default=1.0, gt=0)
+    ramp_s: float = Field(default=0.0, ge=0)
+
+
+class SweepSpec(_StopSpec):
+    """Synchronous (c=1), saturated (c=max_concurrency), then ``points`` rates between."""
+
+    kind: Literal["sweep"] = "sweep"
+    points: int = Field(default=5, ge=1, le=50)
+    max_concurrency: int = Field(default=64, ge=1)
+    arrival: Literal["constant", "poisson"] = "poisson"
+    burstiness: float = Field(default=1.0, gt=0)
+
+
+ScheduleSpec: TypeAlias = Annotated[
+    ConcurrencySpec | RateSpec | SweepSpec, Field(discriminator="kind")
+]
+
+
+class WarmupSpec(_Spec):
+    """Requests sent first and left out of every result."""
+
+    requests: int = Field(default=2, ge=0)
+    concurrency: int = Field(default=1, ge=1)
+
+
+class SloSpec(_Spec):
+    """Service-level objectives for goodput, in milliseconds."""
+
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+    e2e_ms: float | None = Field(default=None, gt=0)
+
+    def as_dict(self) -> dict[str, float]:
+        """The SLOs that are set."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class SamplerSpec(_Spec):
+    """Background samplers (host always; GPU and server metrics where available)."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=0.5, ge=0.01)
+    gpu: bool = True
+    #: Scrape each openai/tgi endpoint's /metrics and each Ollama endpoint's /api/ps.
+    servers: bool = True
+
+
+def _default_schedules() -> list[ConcurrencySpec | RateSpec | SweepSpec]:
+    return [ConcurrencySpec(levels=[1, 4, 16])]
+
+
+class Scenario(_Spec):
+    """Everything a run needs (see docs/bench.md, "Scenario file")."""
+
+    name: str = Field(default="bench", pattern=r"^[A-Za-z0-9._-]+$")
+    #: Default logical model for workloads that do not name one.
+    model: str | None = None
+    seed: int = 0
+    #: Output folder; default ``bench-results/<name>-<timestamp>``.
+    out: str | None = None
+    simulate: bool = False
+    html: bool = True
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    workloads: list[Workload] = Field(default_factory=lambda: [Workload()], min_length=1)
+    schedules: list[ScheduleSpec] = Field(default_factory=_default_schedules, min_length=1)
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    slo: SloSpec = Field(default_factory=SloSpec)
+    samplers: SamplerSpec = Field(default_factory=SamplerSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> Scenario:
+        names = [w.name for w in self.workloads]
+        if len(set(names)) != len(names):
+            raise ValueError("workload names must be unique")
+        if not self.simulate and not self.pool.endpoints:
+            raise ValueError("no endpoints: give --endpoint URL, [pool] endpoints, or --simulate")
+        if not self.simulate and not self.model and any(not w.model for w in self.workloads):
+            raise ValueError("no model: give --model, model = ..., or a model per workload")
+        return self
+
+
+def _error_lines(exc: ValidationError, source: str) -> str:
+    lines = []
+    for e in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        where = f"{loc}: " if loc else ""
+        # Never echo pool values: an api_key or a header may be among them.
+        shown = "" if "pool" in e["loc"] or "input" not in e else f" (got {e['input']!r})"
+        if e["type"] in ("missing", "extra_forbidden", "model_type", "union_tag_invalid"):
+            shown = ""
+        lines.append(f"  {where}{e['msg']}{shown}")
+    return f"invalid scenario ({source}):\n" + "\n".join(lines)
+
+
+def read_scenario_file(path: str | Path) -> dict[str, Any]:
+    """The raw tables of a TOML scenario file (validated later, after flags apply)."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScenarioError(f"scenario file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path} is not valid TOML: {exc}") from None
+
+
+def validate_scenario(data: Mapping[str, Any], source: str = "flags") -> Scenario:
+    """Validate raw scenario data; every problem is one line of the ``ScenarioError``."""
+    try:
+        return Scenario.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ScenarioError(_error_lines(exc, source)) from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a TOML scenario file."""
+    return validate_scenario(read_scenario_file(path), str(path))
+
+
+def dedupe_names(items: list[PhasePlan | SweepSpec]) -> list[PhasePlan | SweepSpec]:
+    """Suffix repeated phase names (``c=4``, ``c=4#2``) so each phase is told apart."""
+    seen: dict[str, int] = {}
+    out: list[PhasePlan | SweepSpec] = []
+    for p in items:
+        if isinstance(p, PhasePlan):
+            n = seen[p.name] = seen.get(p.name, 0) + 1
+            p = p if n == 1 else PhasePlan(f"{p.name}#{n}", p.schedule, p.stop)
+        out.append(p)
+    return out
+
+
+def phase_plans(spec: ConcurrencySpec | RateSpec) -> list[PhasePlan]:
+    """The phases of a concurrency or rate schedule (sweeps are expanded while running)."""
+    stop = spec.stop()
+    if isinstance(spec, ConcurrencySpec):
+        plans = [PhasePlan(f"c={c}", ClosedLoop(c, spec.ramp_s), stop) for c in spec.levels]
+    else:
+        arrival, burst, ramp = spec.arrival, spec.burstiness, spec.ramp_s
+        plans = [
+            PhasePlan(f"rate={r:g}/s", OpenLoop(r, arrival, burst, ramp), stop) for r in spec.rates
+        ]
+    return plans
+
+
+def public_scenario(s: Scenario) -> dict[str, Any]:
+    """The scenario as stored in results: endpoints reduced to url/kind/name, no secrets,
+    no output folder."""
+    data = s.model_dump(mode="json", exclude={"pool", "out"})
+    data["pool"] = s.pool.model_dump(mode="json", exclude={"endpoints"})
+    data["pool"]["endpoints"] = [
+        {"url": e.url, "kind": e.kind, "name": e.display_name} for e in s.pool.endpoints
+    ]
+    return data
