@@ -1,7 +1,8 @@
 """The circuit breaker of one endpoint: pybreaker's state machine plus a half-open gate.
 
 pybreaker has no asyncio support, so both drivers use ``with breaker.calling():`` around
-their own I/O; only ``SharedOllamaError``s marked ``breaker_failure`` count as failures.
+their own I/O; only ``SharedOllamaError``s marked ``breaker_failure`` count as failures,
+other ``SharedOllamaError``s as successes, and anything else (cancellation) not at all.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def _not_a_failure(exc: BaseException) -> bool:
     # pybreaker's `exclude`: anything that is not an endpoint fault (4xx, overload,
     # cancellation, bugs in the caller) must not trip the breaker.
     return not (isinstance(exc, SharedOllamaError) and exc.breaker_failure)
+
+
+def _answered() -> None:
+    """Stands for an attempt that got an answer, so pybreaker records a success."""
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
@@ -107,22 +112,50 @@ class EndpointBreaker:
     # -- calls ------------------------------------------------------------------------
     @contextmanager
     def calling(self) -> Iterator[None]:
-        """Guard one attempt; a half-open breaker admits a single probe at a time."""
-        probe = self.state != "closed"
-        if probe:
-            with self._lock:
-                if self._probing:
-                    raise CircuitOpen("circuit half-open, probe in flight", endpoint=self.endpoint)
-                self._probing = True
+        """Guard one attempt; a half-open breaker admits a single probe at a time.
+
+        The outcome is judged here, not by pybreaker's ``calling()``: pybreaker has only
+        success and failure, so a cancelled attempt (a hedging loser, a caller giving up)
+        would count as a success, reset the failure count and close a half-open breaker on
+        no evidence. Here it changes nothing, and a half-open breaker admits the next probe.
+        """
+        probe = self._admit()
         try:
-            with self._cb.calling():
-                yield
-        except pybreaker.CircuitBreakerError:
-            raise CircuitOpen("circuit open", endpoint=self.endpoint) from None
+            yield
+        except SharedOllamaError as exc:
+            if exc.breaker_failure:
+                self.record_failure(exc)
+            else:
+                self._record_success(probe)  # the endpoint answered (4xx, 429): it is alive
+            raise
+        else:
+            self._record_success(probe)
         finally:
             if probe:
                 with self._lock:
                     self._probing = False
+
+    def _admit(self) -> bool:
+        """Admit an attempt or raise ``CircuitOpen``; True when it is the half-open probe."""
+        with self._lock:
+            state = self.state
+            if state == "closed":
+                return False
+            if state == "open" and self.seconds_until_probe() > 0:
+                raise CircuitOpen("circuit open", endpoint=self.endpoint)
+            if self._probing:
+                raise CircuitOpen("circuit half-open, probe in flight", endpoint=self.endpoint)
+            self._probing = True
+        if state == "open":
+            self._cb.half_open()  # outside our lock: the listener takes it to record the event
+        return True
+
+    def _record_success(self, probe: bool) -> None:
+        # Only the probe may close a half-open breaker; a call admitted before the breaker
+        # opened proves less about now. An open breaker stays open until its probe.
+        state = self.state
+        if state == "closed" or (probe and state == "half_open"):
+            self._cb.call(_answered)
 
     def record_failure(self, exc: SharedOllamaError) -> None:
         """Count a failure seen outside ``calling()`` (e.g. a stream cut mid-way)."""

@@ -9,15 +9,19 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shared_ollama import (
+    BreakerPolicy,
     ConfigError,
     Endpoint,
     HealthPolicy,
+    RetryPolicy,
+    ServerError,
     SharedClient,
     SyncSharedClient,
     load_config,
@@ -128,6 +132,39 @@ async def test_hedging_sends_a_second_copy_to_another_endpoint(mode: str) -> Non
     for rec in records[-3:]:
         assert [a.endpoint for a in rec.attempts] == [primary.url, backup.url]
         assert rec.ok and rec.endpoint == backup.url
+
+
+async def test_cancelled_half_open_probe_leaves_the_breaker_half_open() -> None:
+    """A caller giving up on the probe proves nothing: the breaker neither closes nor opens."""
+    with FakeEngine(kind="ollama", models=(MODEL,), timing=FAST) as engine:
+        kw = client_kwargs(
+            breaker=BreakerPolicy(failure_threshold=1, reset_timeout_s=60),
+            retry=RetryPolicy(max_attempts=1),
+        )
+        async with SharedClient(endpoints=[Endpoint(engine.url, kind="ollama")], **kw) as client:
+            engine.faults.fail(500)
+            with pytest.raises(ServerError):
+                await client.chat(model=MODEL, messages=MESSAGES)
+            breaker = client._pool.endpoints[0].breaker
+            assert breaker.state == "open"
+            # Age it past its reset timeout instead of waiting 60 s.
+            storage = breaker._cb._state_storage
+            storage.opened_at = datetime.now(UTC) - timedelta(seconds=61)
+
+            engine.faults.delay_first_byte(30)
+            probe = asyncio.create_task(client.chat(model=MODEL, messages=MESSAGES))
+            await engine.await_stats(lambda s: s.faults_fired.get("delay_first_byte") == 1)
+            assert breaker.state == "half_open"
+            probe.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await probe
+            assert breaker.state == "half_open"  # pybreaker alone would have closed it
+
+            engine.faults.clear()
+            reply = await client.chat(model=MODEL, messages=MESSAGES)  # the next probe
+            assert reply.message.content and breaker.state == "closed"
+            states = [(s.url, s.breaker, s.in_flight) for s in client.pool_status()]
+            assert states == [(engine.url, "closed", 0)]
 
 
 def test_config_from_toml_and_env(tmp_path: Path) -> None:

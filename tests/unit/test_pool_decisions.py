@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -189,6 +190,51 @@ def test_breaker_failed_probe_reopens() -> None:
     with pytest.raises(ServerError), br.calling():
         raise ServerError("still down")
     assert br.state == "open"
+
+
+def test_breaker_cancelled_probe_changes_nothing() -> None:
+    br = make_pool(ep(1)).endpoints[0].breaker
+    for _ in range(3):
+        br.record_failure(ServerError("boom"))
+    _age_open_breaker(br, 11)
+    br.drain_events()
+    # pybreaker alone would count the cancellation as a success and close the breaker.
+    with pytest.raises(asyncio.CancelledError), br.calling():
+        raise asyncio.CancelledError
+    assert br.state == "half_open"
+    assert [(e.old, e.new) for e in br.drain_events()] == [("open", "half_open")]
+    assert br.admits() == (True, None)  # the gate is free for the next probe
+    with br.calling():
+        pass
+    assert br.state == "closed"
+
+
+def test_breaker_cancellation_keeps_the_failure_count() -> None:
+    br = make_pool(ep(1)).endpoints[0].breaker
+    br.record_failure(ServerError("boom"))
+    br.record_failure(ServerError("boom"))
+    for exc in (asyncio.CancelledError(), GeneratorExit(), KeyboardInterrupt()):
+        with pytest.raises(type(exc)), br.calling():
+            raise exc
+    assert br.failures == 2 and br.state == "closed"
+    with pytest.raises(RateLimited), br.calling():
+        raise RateLimited("slow down")  # an answer from the endpoint: it is alive
+    assert br.failures == 0
+
+
+def test_breaker_only_the_probe_closes_a_half_open_breaker() -> None:
+    br = make_pool(ep(1)).endpoints[0].breaker
+    early = br.calling()
+    early.__enter__()  # admitted while closed, still in flight when the breaker opens
+    for _ in range(3):
+        br.record_failure(ServerError("boom"))
+    _age_open_breaker(br, 11)
+    probe = br.calling()
+    probe.__enter__()
+    early.__exit__(None, None, None)  # succeeds late: proves less than the probe will
+    assert br.state == "half_open"
+    probe.__exit__(None, None, None)
+    assert br.state == "closed"
 
 
 # -- retry budget and backoff ----------------------------------------------------------
