@@ -153,9 +153,12 @@ class EndpointBreaker:
     def _record_success(self, probe: bool) -> None:
         # Only the probe may close a half-open breaker; a call admitted before the breaker
         # opened proves less about now. An open breaker stays open until its probe.
-        state = self.state
-        if state == "closed" or (probe and state == "half_open"):
-            self._cb.call(_answered)
+        # Under pybreaker's (reentrant) lock, so the state cannot change between the check
+        # and the record: an open breaker would otherwise raise, or take this for its probe.
+        with self._cb._lock:
+            state = self.state
+            if state == "closed" or (probe and state == "half_open"):
+                self._cb.call(_answered)
 
     def record_failure(self, exc: SharedOllamaError) -> None:
         """Count a failure seen outside ``calling()`` (e.g. a stream cut mid-way)."""
