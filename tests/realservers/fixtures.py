@@ -22,6 +22,7 @@ from .llama_server import LlamaServer, find_llama_server, make_tiny_gguf
 from .vllm_server import VLLMServer, ensure_tiny_hf_model, ensure_vllm_venv
 
 __all__ = [
+    "DROP_TRIES",
     "LLAMA_API_KEY",
     "RealServerWarning",
     "pytest_collection_modifyitems",
@@ -33,6 +34,7 @@ __all__ = [
     "tiny_gguf",
     "tiny_hf_model",
     "unavailable",
+    "unobservable_drop",
     "vllm_python",
     "vllm_server",
     "vllm_server_factory",
@@ -62,6 +64,22 @@ def unavailable(reason: str) -> NoReturn:
         pytest.fail(f"{message}\n(CI=true: failing instead of skipping)", pytrace=False)
     warnings.warn(message, RealServerWarning, stacklevel=2)
     pytest.skip(message)
+
+
+#: Tries at a vLLM stream that is still running when the client drops it (see below).
+DROP_TRIES = 10
+
+
+def unobservable_drop() -> NoReturn:
+    """Skip loudly: vLLM sent every try's stream in one burst after generation had ended.
+
+    On 2-core machines vLLM's CPU engine sometimes delivers nothing until a request is done
+    (docs/engines.md), so a client abort has nothing left to stop. Not a failure: the server
+    did nothing wrong that a test could see. Not silent either: a warning names it.
+    """
+    reason = f"vLLM delivered all {DROP_TRIES} streams in one burst: the abort was unobservable"
+    warnings.warn(reason, RealServerWarning, stacklevel=2)
+    pytest.skip(reason)
 
 
 def _or_unavailable(make: Callable[[], T]) -> T:
