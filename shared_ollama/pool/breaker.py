@@ -99,15 +99,17 @@ class EndpointBreaker:
 
     def admits(self) -> tuple[bool, str | None]:
         """Whether a call may be sent now, and if not, why."""
-        state = self.state
-        if state == "closed":
-            return True, None
-        if state == "open" and (wait := self.seconds_until_probe()) > 0:
-            return False, f"circuit open (probe in {wait:.1f}s)"
         with self._lock:
-            if self._probing:
-                return False, "circuit half-open, probe in flight"
-        return True, None
+            why = self._refusal(self.state)
+        return why is None, why
+
+    def _refusal(self, state: BreakerState) -> str | None:
+        """Why no attempt may be sent in ``state`` now (None: one may); hold ``_lock``."""
+        if state == "open" and (wait := self.seconds_until_probe()) > 0:
+            return f"circuit open (probe in {wait:.1f}s)"
+        if state != "closed" and self._probing:
+            return "circuit half-open, probe in flight"
+        return None
 
     # -- calls ------------------------------------------------------------------------
     @contextmanager
@@ -139,12 +141,10 @@ class EndpointBreaker:
         """Admit an attempt or raise ``CircuitOpen``; True when it is the half-open probe."""
         with self._lock:
             state = self.state
+            if (why := self._refusal(state)) is not None:
+                raise CircuitOpen(why, endpoint=self.endpoint)
             if state == "closed":
                 return False
-            if state == "open" and self.seconds_until_probe() > 0:
-                raise CircuitOpen("circuit open", endpoint=self.endpoint)
-            if self._probing:
-                raise CircuitOpen("circuit half-open, probe in flight", endpoint=self.endpoint)
             self._probing = True
         if state == "open":
             self._cb.half_open()  # outside our lock: the listener takes it to record the event
