@@ -492,9 +492,18 @@ def test_missing_binding_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_host_sampler_gives_positive_values() -> None:
+    import psutil
+
+    def cpu_ticks() -> float:
+        return sum(psutil.cpu_times())
+
     sampler = HostSampler()
     sampler.open()
-    sum(i * i for i in range(200_000))  # some CPU time for this process to show
+    # CPU use is a rate over the kernel's tick counters (10 ms ticks): work until they have
+    # moved, not for a fixed amount of work, which a busy machine may fit between two ticks.
+    start = cpu_ticks()
+    while cpu_ticks() <= start:
+        sum(i * i for i in range(20_000))
     reading = sampler.sample()
     sampler.close()
     assert reading["host.mem_used_bytes"] > 0
