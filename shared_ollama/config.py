@@ -133,6 +133,11 @@ class Timeouts(BaseModel):
     between_chunks_s: float | None = Field(default=60.0, gt=0)
     #: Bounds the whole call, all retries and waits included.
     total_s: float | None = Field(default=600.0, gt=0)
+    #: How long a call waits for a pool where no endpoint can take it (all down, breakers
+    #: open, protocol not detected, backing off on Retry-After) before ``NoEndpointAvailable``;
+    #: never longer than ``total_s``. Waiting for a free slot on a saturated endpoint
+    #: (``max_in_flight``) is queueing, bounded by ``total_s`` alone.
+    no_endpoint_s: float = Field(default=10.0, ge=0)
 
 
 class HealthPolicy(BaseModel):

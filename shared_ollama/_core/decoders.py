@@ -19,6 +19,7 @@ _T = TypeVar("_T")
 _U = TypeVar("_U")
 
 __all__ = [
+    "JSON_ERRORS",
     "MAX_BUFFER",
     "NDJSONDecoder",
     "PendingError",
@@ -52,10 +53,20 @@ def excerpt(text: str | bytes, limit: int = _EXCERPT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: What ``json.loads`` raises on hostile input: ValueError (JSONDecodeError, bad UTF-8) and
+#: RecursionError (nesting deeper than the interpreter's recursion limit, ~1000 levels; the C
+#: scanner stops there without touching the C stack). Every JSON read of server bytes catches
+#: both, so a deeply nested body is a malformed reply, never an escaping RecursionError.
+JSON_ERRORS: Final = (ValueError, RecursionError)
+
+
 def decode_json(data: str | bytes, what: str) -> Any:
-    """``json.loads`` that raises ProtocolError (with an excerpt) instead of ValueError."""
+    """``json.loads`` that raises ProtocolError (with an excerpt) instead of ValueError or
+    RecursionError."""
     try:
         return json.loads(data)
+    except RecursionError as exc:
+        raise ProtocolError(f"JSON nested too deeply in {what}: {excerpt(data)!r}") from exc
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ProtocolError(f"malformed JSON in {what}: {excerpt(data)!r}") from exc
 
@@ -363,7 +374,7 @@ def error_text(body: bytes) -> str | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError:
+    except JSON_ERRORS:
         return text
     return message_in(value) or text
 
@@ -399,7 +410,7 @@ def stream_error(value: Any) -> ServerError:
     ``value`` is the decoded error object, or the raw text of an ``error`` event.
     """
     if isinstance(value, str):
-        with contextlib.suppress(ValueError):  # not JSON: the text is the message
+        with contextlib.suppress(*JSON_ERRORS):  # not JSON: the text is the message
             value = json.loads(value)
     message = excerpt(message_in(value) or "error event in the stream", 500)
     return ServerError("the server failed during the stream", server_message=message)

@@ -138,6 +138,9 @@ class CallPlan:
         self._wait_deadline = (
             self.deadline if self.deadline is not None else now + _MAX_WAIT_WITHOUT_DEADLINE_S
         )
+        # A pool with nothing able to take the call is waited out for a short while only: a
+        # dead pool must answer NoEndpointAvailable in seconds, not at the total deadline.
+        self._recover_deadline = min(self._wait_deadline, now + timeouts.no_endpoint_s)
         self.record = CallRecord(
             request_id=request_id,
             project=project,
@@ -175,7 +178,7 @@ class CallPlan:
             if result.endpoint.try_acquire():
                 return result
             # Lost a race for the last slot: behave as saturated.
-            result = Unavailable({result.endpoint.name: "saturated"}, 0.01, True)
+            result = Unavailable({result.endpoint.name: "saturated"}, 0.01, True, saturated=True)
         return self._unavailable(result, now)
 
     def _unavailable(self, result: Unavailable, now: float) -> Choice:
@@ -192,15 +195,16 @@ class CallPlan:
                 server_message="; ".join(f"{k}: {v}" for k, v in result.reasons.items()),
                 **kw,
             )
+        limit = self._wait_deadline if result.saturated else self._recover_deadline
         # Waiting past the deadline would only delay the same error: fail now instead.
-        if result.retry_in is None or now + result.retry_in >= self._wait_deadline:
+        if result.retry_in is None or now >= limit or now + result.retry_in >= self._wait_deadline:
             raise NoEndpointAvailable(
                 f"no endpoint available for {self.model!r}", reasons=result.reasons, **kw
             )
         raise WaitingForEndpoint(
             f"no endpoint available for {self.model!r}",
             reasons=result.reasons,
-            retry_in=result.retry_in,
+            retry_in=min(result.retry_in, limit - now),
             **kw,
         )
 

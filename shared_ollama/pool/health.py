@@ -10,6 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 
+from .._core.decoders import JSON_ERRORS
 from ..config import HealthPolicy
 from ..protocols import WireRequest, WireResponse
 
@@ -40,7 +41,7 @@ def detect_kind(probe: AutoProbe, resp: WireResponse) -> str | None:
         return None
     try:
         body = json.loads(resp.body)
-    except ValueError:
+    except JSON_ERRORS:
         return None
     return probe.kind if isinstance(body, dict) and probe.key in body else None
 

@@ -28,6 +28,7 @@ _EVERYWHERE = frozenset({"show"})
 # Re-check interval when endpoints are only saturated (in-flight cap): releases also
 # wake waiters, this just bounds a missed wake-up.
 _SATURATED_RECHECK_S = 0.05
+_SATURATED = "saturated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,9 @@ class Unavailable:
     model_known: bool
     #: True when no endpoint of the pool can serve the operation at all (e.g. TGI embed).
     unsupported: bool = False
+    #: True when every endpoint that may take the call later is only saturated (a queue to
+    #: wait in), False when some are down, open or backing off (a pool to wait out).
+    saturated: bool = False
 
 
 class Pool:
@@ -93,6 +97,7 @@ class Pool:
         eligible: list[tuple[EndpointState, str]] = []
         reasons: dict[str, str] = {}
         waits: list[float] = []
+        saturated = True
         known = False
         supported = False
         for ep in self.endpoints:
@@ -113,12 +118,14 @@ class Pool:
             if wait is not None:
                 known = True
                 waits.append(wait)
+                saturated = saturated and why.startswith(_SATURATED)
         if eligible:
             fresh = [(ep, s) for ep, s in eligible if ep.url not in avoid] or eligible
             served_by = {id(ep): s for ep, s in fresh}
             picked = self.strategy.pick([ep for ep, _ in fresh], model, self.rng, now)
             return Choice(picked, served_by[id(picked)])
-        return Unavailable(reasons, min(waits) if waits else None, known, not supported)
+        waiting = min(waits) if waits else None
+        return Unavailable(reasons, waiting, known, not supported, saturated and bool(waits))
 
     def _ineligible(
         self, ep: EndpointState, model: str, operation: str, now: float
@@ -141,7 +148,7 @@ class Pool:
             return f"backing off {wait:.1f}s (server asked: Retry-After)", wait
         cap = ep.config.max_in_flight
         if cap is not None and ep.in_flight >= cap:
-            return f"saturated ({ep.in_flight}/{cap} in flight)", _SATURATED_RECHECK_S
+            return f"{_SATURATED} ({ep.in_flight}/{cap} in flight)", _SATURATED_RECHECK_S
         return None, None
 
     def by_url(self, url: str) -> EndpointState | None:

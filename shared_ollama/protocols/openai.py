@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Final, Literal
 
 from .._core.decoders import (
+    JSON_ERRORS,
     SSEDecoder,
     SSEEvent,
     decode_json,
@@ -453,7 +454,7 @@ def _tool_calls_in(message: Mapping[str, Any], what: str) -> list[dict[str, Any]
         if fn is not None and isinstance(fn.get("arguments"), str):
             try:
                 args = json.loads(fn["arguments"])
-            except ValueError:
+            except JSON_ERRORS:
                 args = None  # not JSON (a truncated call): leave the string as sent
             if isinstance(args, dict):
                 call["function"] = {**fn, "arguments": args}

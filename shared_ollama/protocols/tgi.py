@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Final, Literal
 
 from .._core.decoders import (
+    JSON_ERRORS,
     SSEDecoder,
     SSEEvent,
     decode_json,
@@ -254,7 +255,7 @@ class TGICodec(Codec):
             return True
         try:
             obj = json.loads(resp.body)
-        except ValueError:
+        except JSON_ERRORS:
             return False
         return isinstance(obj, dict) and obj.get("error_type") == "overloaded"
 

@@ -232,3 +232,30 @@ def test_secrets_never_in_reprs_or_status(trio: list[FakeEngine]) -> None:
         ]
         texts.append(repr(client.config))
     assert not any(secret in t for t in texts)
+
+
+async def test_dead_pool_answers_within_the_no_endpoint_wait(make_driver: Any) -> None:
+    """Every endpoint refuses connections: each call ends in a typed error after at most the
+    short no-endpoint wait, not at the call's total deadline (once 585 s with the defaults)."""
+    import socket
+
+    from shared_ollama import ConnectError, NoEndpointAvailable, Timeouts
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:  # bound, never listening: connections are refused
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    eps = [Endpoint(f"http://127.0.0.1:{p}", kind="ollama", models={"m": "m"}) for p in ports]
+    timeouts = Timeouts(connect_s=2, first_chunk_s=10, between_chunks_s=10, total_s=300,
+                        no_endpoint_s=0.5)  # fmt: skip
+    breaker = BreakerPolicy(failure_threshold=2, reset_timeout_s=120)
+    async with make_driver(eps, timeouts=timeouts, breaker=breaker) as d:
+        seen = []
+        for _ in range(6):  # connect errors first, then both breakers open
+            started = time.monotonic()
+            with pytest.raises((ConnectError, NoEndpointAvailable)) as info:
+                await d.call("chat", model="m", messages=MESSAGES)
+            seen.append((type(info.value).__name__, time.monotonic() - started))
+    assert seen[-1][0] == "NoEndpointAvailable", seen
+    assert max(elapsed for _, elapsed in seen) < timeouts.total_s / 10, seen

@@ -1,0 +1,106 @@
+"""JSON nested far deeper than any reply needs, from a real socket, in both clients.
+
+``json.loads`` gives up on such input with a RecursionError, not a ValueError. Every place that
+reads a server's JSON (replies, stream lines, error bodies, protocol detection, model lists at
+start-up) must turn it into a typed error or a failed probe: start-up and close still work,
+and the call ends in a ``SharedOllamaError`` that is recorded as an error, not as cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from shared_ollama import (
+    Endpoint,
+    NoEndpointAvailable,
+    ProtocolError,
+    ServerError,
+    SharedOllamaError,
+    Timeouts,
+)
+from shared_ollama.records import CallRecord
+from tests.hostile import HostileServer, http_reply
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+DEEP_OBJECT = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def deep_everywhere(method: str, path: str) -> bytes:
+    return http_reply(200, DEEP)
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai", "tgi", "auto"])
+async def test_deep_json_everywhere_is_a_typed_error(make_driver: Any, kind: str) -> None:
+    records: list[CallRecord] = []
+    timeouts = Timeouts(connect_s=2, first_chunk_s=10, between_chunks_s=10, total_s=30,
+                        no_endpoint_s=0.2)  # fmt: skip
+    with HostileServer(deep_everywhere) as server:
+        endpoint = Endpoint(server.url, kind=kind, models={"m": "m"})  # type: ignore[arg-type]
+        # Start-up reads the model list (and, for "auto", the detection probes): deep JSON
+        # there is a failed probe, not an exception out of start().
+        async with make_driver([endpoint], listeners=[records.append], timeouts=timeouts) as d:
+            with pytest.raises(SharedOllamaError) as info:
+                await d.call("chat", model="m", messages=MESSAGES)
+            assert not isinstance(info.value, RecursionError)
+            if kind != "auto":
+                assert isinstance(info.value, ProtocolError) or isinstance(
+                    info.value.__cause__, ProtocolError
+                ), repr(info.value)
+            with pytest.raises(NoEndpointAvailable) as listing:
+                await d.call("list")
+            assert "nested too deeply" in str(listing.value) or kind == "auto"
+        # Closed without raising (the context manager above), and the call was accounted.
+    assert records and records[0].outcome == "error", [r.outcome for r in records]
+
+
+@pytest.mark.parametrize("body", [DEEP, DEEP_OBJECT], ids=["array", "object"])
+async def test_deep_json_error_body_keeps_the_status(make_driver: Any, body: bytes) -> None:
+    def respond(method: str, path: str) -> bytes:
+        if path.startswith("/api/tags") or path.startswith("/api/ps"):
+            return http_reply(200, b'{"models": []}')
+        return http_reply(500, body)
+
+    with HostileServer(respond) as server:
+        endpoint = Endpoint(server.url, kind="ollama", models={"m": "m"})
+        async with make_driver([endpoint]) as d:
+            with pytest.raises(ServerError) as info:
+                await d.call("chat", model="m", messages=MESSAGES)
+    assert info.value.status_code == 500
+    assert len(info.value.server_message or "") <= 1000
+
+
+async def test_deep_json_stream_line_is_a_typed_error(make_driver: Any) -> None:
+    line = b'{"model":"m","created_at":"2024-01-01T00:00:00Z","message":{"role":"assistant",'
+    line += b'"content":"hi"},"done":false}\n'
+
+    def respond(method: str, path: str) -> bytes:
+        if path.startswith("/api/tags"):
+            return http_reply(200, b'{"models": []}')
+        return http_reply(200, line + DEEP + b"\n", content_type="application/x-ndjson")
+
+    with HostileServer(respond) as server:
+        endpoint = Endpoint(server.url, kind="ollama", models={"m": "m"})
+        async with make_driver([endpoint]) as d:
+            chunks, error = await d.stream_collect("chat", model="m", messages=MESSAGES)
+    assert [c.message.content for c in chunks] == ["hi"]
+    assert isinstance(error, SharedOllamaError), repr(error)
+
+
+async def test_auto_endpoint_that_never_identifies_itself_is_waited_out_briefly(
+    make_driver: Any,
+) -> None:
+    """A pool whose only endpoint was never detected answers in ``no_endpoint_s``."""
+    timeouts = Timeouts(connect_s=2, first_chunk_s=10, between_chunks_s=10, total_s=120,
+                        no_endpoint_s=0.5)  # fmt: skip
+    with HostileServer(deep_everywhere) as server:
+        async with make_driver([Endpoint(server.url)], timeouts=timeouts) as d:
+            started = time.monotonic()
+            with pytest.raises(NoEndpointAvailable) as info:
+                await d.call("chat", model="m", messages=MESSAGES)
+            elapsed = time.monotonic() - started
+    assert "protocol not detected" in str(info.value)
+    assert elapsed < timeouts.total_s / 10  # the short wait, not the call's deadline
