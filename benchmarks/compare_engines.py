@@ -1,22 +1,26 @@
 """Compare real engines with the bench: vLLM (CPU) and llama.cpp's llama-server, tiny models.
 
 Run from the repository root: ``python benchmarks/compare_engines.py [--out DIR]``.
-It starts both servers the way the test suite does (tests/realservers: llama-server from
-PyPI, vLLM in its own cached venv, tiny generated models), runs the SAME bench command
-against each, one after the other, then prints a table and the ``compare`` output. The
-commands it runs are printed too: they apply unchanged to servers on GPUs.
+It starts both servers the way the test suite does (tests/realservers: llama-server built
+from source once per machine, vLLM in its own cached venv, tiny generated models), runs the
+SAME bench command against each, one after the other, then prints a table and the ``compare``
+output. CPU placement is the suite's (docs/engines.md): each server on the first usable CPU,
+the bench client on the others. The commands it runs are printed too: they apply unchanged to
+servers on GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from tests.realservers._process import client_cpus
 from tests.realservers.llama_server import LlamaServer, find_llama_server, make_tiny_gguf
 from tests.realservers.vllm_server import VLLMServer, ensure_tiny_hf_model, ensure_vllm_venv
 
@@ -40,7 +44,10 @@ def bench(name: str, url: str, out: Path) -> Path:
     cmd = [sys.executable, "-m", "shared_ollama.bench", "run", "--endpoint", f"{url},openai",
            "--name", name, "--out", str(out / name), *BENCH]  # fmt: skip
     print("$", shlex.join(["python", *cmd[1:]]), flush=True)
-    subprocess.run(cmd, check=True)
+    cpus = client_cpus()
+    # The bench client runs beside the server, never on its CPU (the suite's placement policy).
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus is not None else None
+    subprocess.run(cmd, check=True, preexec_fn=pin)
     return out / name / "result.json"
 
 

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,6 +23,10 @@ import httpx
 
 __all__ = [
     "RealServerUnavailable",
+    "client_cpus",
+    "pinned",
+    "run_logged",
+    "server_cpus",
     "ServerProcess",
     "cache_root",
     "file_lock",
@@ -70,6 +75,41 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def run_logged(
+    command: Sequence[str],
+    log_path: Path,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run ``command`` with its output appended to ``log_path``; ``RealServerUnavailable`` (with
+    the log tail) when it cannot run, times out or exits non-zero."""
+    with log_path.open("ab") as log:
+        log.write(f"\n$ {shlex.join(command)}\n".encode())
+        log.flush()
+        started = time.monotonic()
+        try:
+            result = subprocess.run(
+                list(command),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+                env=None if env is None else dict(env),
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RealServerUnavailable(
+                f"`{shlex.join(command)}` failed: {exc}; log {log_path}:\n{log_tail(log_path)}"
+            ) from exc
+        finally:
+            log.write(f"[{time.monotonic() - started:.1f} s]\n".encode())
+    if result.returncode != 0:
+        raise RealServerUnavailable(
+            f"`{shlex.join(command)}` exited with {result.returncode}; "
+            f"log {log_path}:\n{log_tail(log_path)}"
+        )
+
+
 def log_tail(path: Path, limit: int = 4000) -> str:
     """The last ``limit`` characters of a log file, or a note when there is none."""
     try:
@@ -94,6 +134,56 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+# -- CPU placement ----------------------------------------------------------------------------
+#
+# One policy for every real-server test and benchmark (docs/engines.md): every real server
+# (llama-server, vLLM's API server and engine) runs on the first CPU this process may use, the
+# test or bench client on the others. Unpinned on 2 cores, vLLM's engine threads and the client
+# fight over both cores and streams arrive in bursts; pinned, the server's own scheduling is
+# what the client measures. With a single CPU there is nothing to separate: nothing is pinned.
+PLACEMENT_ENV = "SHARED_OLLAMA_PIN"  # "0" turns the policy off
+
+
+def _usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def _placement_on() -> bool:
+    return os.environ.get(PLACEMENT_ENV, "1") != "0" and len(_usable_cpus()) >= 2
+
+
+def server_cpus() -> frozenset[int] | None:
+    """The CPUs real servers run on (the first usable one), or None when nothing is pinned."""
+    return frozenset(_usable_cpus()[:1]) if _placement_on() else None
+
+
+def client_cpus() -> frozenset[int] | None:
+    """The CPUs the test or bench client runs on (the rest), or None when nothing is pinned."""
+    return frozenset(_usable_cpus()[1:]) if _placement_on() else None
+
+
+def _set_all_threads(cpus: frozenset[int] | set[int]) -> None:
+    # os.sched_setaffinity(0, ...) pins only the calling thread on Linux: pin every thread of
+    # this process (event-loop helpers, FakeEngine servers) so the whole client moves.
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+@contextlib.contextmanager
+def pinned(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Run the body with every thread of this process on ``cpus`` (no-op for None)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    _set_all_threads(cpus)
+    try:
+        yield
+    finally:
+        _set_all_threads(before)
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: if the test process dies (even by SIGKILL),
     # the kernel sends SIGTERM to the server, so a crashed session leaves no server behind.
@@ -112,7 +202,8 @@ def _stop_leftovers() -> None:
 
 
 class ServerProcess:
-    """One server child process in its own process group, on a fixed loopback port.
+    """One server child process in its own process group, on a fixed loopback port, on the
+    CPUs of the placement policy (``server_cpus()``; ``cpus=None`` leaves it unpinned).
 
     ``start()`` returns once ``health_path`` answers 200, ``stop()`` sends SIGTERM to the whole
     group and SIGKILL after ``stop_timeout`` seconds, ``kill()`` sends SIGKILL at once (for
@@ -130,7 +221,9 @@ class ServerProcess:
         startup_timeout: float,
         stop_timeout: float = 15.0,
         host: str = "127.0.0.1",
+        cpus: frozenset[int] | str | None = "policy",
     ) -> None:
+        self.cpus: frozenset[int] | None = server_cpus() if isinstance(cpus, str) else cpus
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
@@ -199,7 +292,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env=dict(self.environment()),
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=self._in_child,
             )
         except OSError as exc:
             self._close_log()
@@ -211,6 +304,12 @@ class ServerProcess:
             self.kill()
             raise
         self.ready_seconds = time.monotonic() - started
+
+    def _in_child(self) -> None:
+        # Between fork and exec: the server and everything it spawns inherit the placement.
+        _die_with_parent()
+        if self.cpus is not None:
+            os.sched_setaffinity(0, self.cpus)
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

