@@ -19,6 +19,7 @@ from .config import (
     Budget,
     Endpoint,
     HealthPolicy,
+    Limits,
     PoolConfig,
     RetryPolicy,
     Timeouts,
@@ -79,6 +80,7 @@ class BaseClient(Generic[TransportT]):
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
         timeouts: Timeouts | None = None,
+        limits: Limits | None = None,
         health: HealthPolicy | None = None,
         usage: UsageConfig | bool | None = None,
         budgets: Mapping[str, Budget] | None = None,
@@ -99,6 +101,7 @@ class BaseClient(Generic[TransportT]):
             ("retry", retry),
             ("breaker", breaker),
             ("timeouts", timeouts),
+            ("limits", limits),
             ("health", health),
             ("budgets", dict(budgets) if budgets is not None else None),
         ):
@@ -192,6 +195,7 @@ class BaseClient(Generic[TransportT]):
             now_ns=time.monotonic_ns(),
             total_timeout=total,
             tags=tags,
+            limits=self.config.limits,
         )
         span = self._telemetry.start(operation, model, project, stream)
         span.set_input(content)

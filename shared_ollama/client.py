@@ -27,7 +27,7 @@ from ._core.requests import Op, chat_op, embed_op, generate_op, show_op
 from ._core.results import CHUNKS, RESPONSES
 from ._core.steps import NOW, WALL, Close, Head, IOOp, Opened, Read, Send, Steps
 from ._transport import client_kwargs, map_transport_error, to_httpx
-from .errors import NoEndpointAvailable, SharedOllamaError, Timeout
+from .errors import NoEndpointAvailable, ProtocolError, SharedOllamaError, Timeout
 from .pool import EndpointState, next_probe_delay
 from .protocols import ListedModel, Parsed, Piece
 from .types import (
@@ -63,6 +63,42 @@ class _Reply:
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
         self.iterator: Any = None
+
+
+class _Body:
+    """A whole body collected within ``Read.max_bytes`` (the same bound in both drivers)."""
+
+    __slots__ = ("data", "op")
+
+    def __init__(self, op: Read) -> None:
+        self.op = op
+        self.data = bytearray()
+        declared = op.head.headers.get("content-length", "")
+        declared_size = int(declared) if declared.strip().isdigit() else 0
+        if op.max_bytes is not None and not op.truncate and declared_size > op.max_bytes:
+            raise self._too_big()  # refused before a byte of it is read
+
+    def add(self, chunk: bytes) -> bool:
+        """Append ``chunk``; True once a truncated body is full (stop reading)."""
+        self.data += chunk
+        limit = self.op.max_bytes
+        if limit is None or len(self.data) <= limit:
+            return False
+        if self.op.truncate:
+            del self.data[limit:]
+            return True
+        # Freed now: the error's traceback keeps this frame (and so this object) alive while
+        # the call retries, and each attempt would otherwise hold its own full buffer.
+        self.data = bytearray()
+        raise self._too_big()
+
+    def _too_big(self) -> ProtocolError:
+        return ProtocolError(
+            f"reply larger than {self.op.max_bytes} bytes (Limits.max_response_bytes)",
+            endpoint=self.op.endpoint.url,
+            model=self.op.model,
+            status_code=self.op.head.status,
+        )
 
 
 def _limit(op: Send | Read) -> tuple[float | None, bool]:
@@ -213,7 +249,11 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                         return _head(await http.send(request, stream=True))
                 reply: _Reply = op.head.handle
                 if op.whole:
-                    return await reply.response.aread()
+                    body = _Body(op)
+                    async for chunk in reply.response.aiter_bytes():
+                        if body.add(chunk):
+                            break
+                    return bytes(body.data)
                 if reply.iterator is None:
                     reply.iterator = reply.response.aiter_raw()
                 return await anext(reply.iterator, None)
@@ -539,7 +579,11 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                     return _head(http.send(request, stream=True))
             reply: _Reply = op.head.handle
             if op.whole:
-                return reply.response.read()
+                body = _Body(op)
+                for chunk in reply.response.iter_bytes():
+                    if body.add(chunk):
+                        break
+                return bytes(body.data)
             if reply.iterator is None:
                 reply.iterator = reply.response.iter_raw()
             return next(reply.iterator, None)

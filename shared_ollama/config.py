@@ -22,6 +22,7 @@ __all__ = [
     "Endpoint",
     "EndpointKind",
     "HealthPolicy",
+    "Limits",
     "PoolConfig",
     "RetryPolicy",
     "Timeouts",
@@ -140,6 +141,20 @@ class Timeouts(BaseModel):
     no_endpoint_s: float = Field(default=10.0, ge=0)
 
 
+class Limits(BaseModel):
+    """Bounds on what a server may send: every byte from a server is possibly hostile."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: A whole (non-stream) reply larger than this is a ``ProtocolError``.
+    max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    #: An error body is read up to this size and the rest ignored (it is only a message).
+    max_error_bytes: int = Field(default=64 * 1024, ge=256)
+    #: Text of a stream kept for ``StreamInterrupted.partial_text`` and span content capture;
+    #: past it only counts and timings are kept, so memory does not grow with output length.
+    max_stream_text_chars: int = Field(default=1024 * 1024, ge=0)
+
+
 class HealthPolicy(BaseModel):
     """Active health probes and model discovery."""
 
@@ -186,6 +201,7 @@ class PoolConfig(BaseModel):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    limits: Limits = Field(default_factory=Limits)
     health: HealthPolicy = Field(default_factory=HealthPolicy)
     usage: UsageConfig = Field(default_factory=UsageConfig)
     budgets: dict[str, Budget] = Field(default_factory=dict)

@@ -6,13 +6,18 @@ Timestamps are ``time.monotonic_ns()`` values taken by the drivers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 __all__ = ["AttemptRecord", "CallListener", "CallRecord", "Outcome", "PoolEvent"]
 
 Outcome: TypeAlias = Literal["ok", "error", "interrupted", "cancelled"]
+
+
+def _packed_ns() -> MutableSequence[int]:
+    return array("q")
 
 
 @dataclass(slots=True)
@@ -61,8 +66,9 @@ class CallRecord:
     output_tokens: int | None = None
     finish_reason: str | None = None
     attempts: list[AttemptRecord] = field(default_factory=list)
-    #: Arrival time of each chunk delivered to the caller (streams only).
-    chunk_times_ns: list[int] = field(default_factory=list)
+    #: Arrival time of each chunk delivered to the caller (streams only): a packed
+    #: ``array('q')``, 8 bytes a chunk, so an endless stream does not cost an int object each.
+    chunk_times_ns: MutableSequence[int] = field(default_factory=_packed_ns)
     #: Tokens carried by each chunk, where the server said; None where unknown.
     chunk_tokens: list[int | None] = field(default_factory=list)
     #: The server's own timings (see ``types.ServerTimings``), by field name.

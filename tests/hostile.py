@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Self
 
 __all__ = ["HostileServer", "http_reply"]
 
-Responder = Callable[[str, str], bytes]
+# Whole bytes, or pieces sent one after another (an endless body stops when the client goes).
+Responder = Callable[[str, str], bytes | Iterable[bytes]]
 
 
 def http_reply(
@@ -33,7 +34,7 @@ def http_reply(
 
 
 class HostileServer:
-    """Answers every request with ``respond(method, path)``'s bytes, then closes.
+    """Answers every request with ``respond(method, path)``'s bytes (or pieces), then closes.
 
     ``with HostileServer(respond) as server: server.url``; ``server.requests`` lists the
     ``(method, path)`` of every request seen.
@@ -100,7 +101,11 @@ class HostileServer:
                         return
                     body += chunk
                 self.requests.append((method, path))
-                conn.sendall(self.respond(method, path))
+                reply = self.respond(method, path)
+                for piece in [reply] if isinstance(reply, bytes) else reply:
+                    if self._stop.is_set():
+                        return
+                    conn.sendall(piece)
                 conn.shutdown(socket.SHUT_WR)
             except OSError:
                 return

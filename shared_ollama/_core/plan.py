@@ -16,7 +16,7 @@ from typing import Any
 
 from tenacity import RetryCallState
 
-from ..config import RetryPolicy, Timeouts
+from ..config import Limits, RetryPolicy, Timeouts
 from ..errors import (
     CircuitOpen,
     InvalidRequest,
@@ -33,6 +33,7 @@ from ..records import AttemptRecord, CallRecord, Outcome
 
 __all__ = ["Attempt", "CallPlan", "RetryBudget", "WaitingForEndpoint", "full_jitter"]
 
+_DEFAULT_LIMITS = Limits()
 # With no total deadline, waiting for an endpoint to recover is still bounded.
 _MAX_WAIT_WITHOUT_DEADLINE_S = 60.0
 
@@ -125,7 +126,10 @@ class CallPlan:
         now_ns: int,
         total_timeout: float | None,
         tags: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits if limits is not None else _DEFAULT_LIMITS
+        self._text_room = self.limits.max_stream_text_chars
         self.pool = pool
         self.budget = budget
         self.policy = policy
@@ -385,10 +389,16 @@ class CallPlan:
         return "".join(self.delivered_text) if self.delivered else None
 
     def delivered_chunk(self, text: str) -> None:
-        """A chunk reached the caller: from now on the call is never retried."""
+        """A chunk reached the caller: from now on the call is never retried.
+
+        Its text is kept (for ``StreamInterrupted.partial_text`` and span content) only up to
+        ``Limits.max_stream_text_chars``: an endless stream costs counts and timings, not text.
+        """
         self.delivered += 1
-        if text:
-            self.delivered_text.append(text)
+        if text and self._text_room > 0:
+            kept = text[: self._text_room]
+            self._text_room -= len(kept)
+            self.delivered_text.append(kept)
 
     def interrupted(self, cause: SharedOllamaError) -> StreamInterrupted:
         """The error to raise when a stream breaks after delivery."""

@@ -11,7 +11,7 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from ..config import Endpoint
+from ..config import Endpoint, Limits
 from ..errors import NoEndpointAvailable, SharedOllamaError
 from ..pool import AUTO_PROBES, EndpointState, detect_kind
 from ..protocols import Codec, ListedModel, Parsed, Piece, WireRequest, WireResponse
@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_PROBE_LIMITS = Limits()
 Phase: TypeAlias = Literal["first_chunk", "between_chunks"]
 
 
@@ -78,6 +79,10 @@ class Read:
     deadline: float | None = None
     whole: bool = False
     model: str | None = None
+    #: For ``whole``: the largest body accepted. Past it the driver raises ``ProtocolError``,
+    #: or with ``truncate`` returns the first ``max_bytes`` (error bodies: only a message).
+    max_bytes: int | None = None
+    truncate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +144,11 @@ def _read(plan: CallPlan, head: Head, ep: EndpointState, *, whole: bool) -> Read
     phase: Phase = "first_chunk" if first or whole else "between_chunks"
     t = plan.timeouts
     limit = t.first_chunk_s if phase == "first_chunk" else t.between_chunks_s
-    return Read(head, ep, phase, limit, plan.deadline, whole, plan.model)
+    if not whole:
+        return Read(head, ep, phase, limit, plan.deadline, whole, plan.model)
+    failed = head.status >= 400
+    size = plan.limits.max_error_bytes if failed else plan.limits.max_response_bytes
+    return Read(head, ep, phase, limit, plan.deadline, whole, plan.model, size, failed)
 
 
 def attempt(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:
@@ -245,8 +254,13 @@ def _simple(ep: EndpointState, wire: WireRequest, project: str,
             timeout: float) -> Steps[WireResponse]:  # fmt: skip
     headers = request_headers(ep.config, "probe", project, None)
     head: Head = yield Send(ep, wire, headers, timeout)
+    failed = head.status >= 400
+    # Probes and listings keep the default bounds (a model list is far below them).
+    size = _PROBE_LIMITS.max_error_bytes if failed else _PROBE_LIMITS.max_response_bytes
     try:
-        body: bytes = yield Read(head, ep, "first_chunk", timeout, whole=True)
+        body: bytes = yield Read(
+            head, ep, "first_chunk", timeout, whole=True, max_bytes=size, truncate=failed
+        )
     finally:
         yield Close(head)
     return WireResponse(head.status, head.headers, body)
