@@ -27,6 +27,7 @@ from ._core.requests import Op, chat_op, embed_op, generate_op, show_op
 from ._core.results import CHUNKS, RESPONSES
 from ._core.steps import NOW, WALL, Close, Head, IOOp, Opened, Read, Send, Steps
 from ._transport import client_kwargs, map_transport_error, to_httpx
+from ._watchdog import Alarm, Watchdog, watch_transport
 from .errors import NoEndpointAvailable, ProtocolError, SharedOllamaError, Timeout
 from .pool import EndpointState, next_probe_delay
 from .protocols import ListedModel, Parsed, Piece
@@ -103,12 +104,19 @@ class _Body:
 
 def _limit(op: Send | Read) -> tuple[float | None, bool]:
     """(seconds to wait, whether the call's total deadline is the binding bound)."""
-    if op.deadline is None:
-        return op.limit, False
-    left = max(0.0, op.deadline - time.monotonic())
-    if op.limit is None or left < op.limit:
-        return left, True
-    return op.limit, False
+    limit = op.limit
+    phase_deadline = op.phase_deadline if isinstance(op, Read) else None
+    if phase_deadline is None and op.deadline is None:
+        return limit, False
+    now = time.monotonic()
+    if phase_deadline is not None:
+        left = max(0.0, phase_deadline - now)
+        limit = left if limit is None else min(limit, left)
+    if op.deadline is not None:
+        left = max(0.0, op.deadline - now)
+        if limit is None or left < limit:
+            return left, True
+    return limit, False
 
 
 def _deadline_error(op: Send | Read, total: bool) -> Timeout:
@@ -156,6 +164,7 @@ def _drain(plan: CallPlan, opened: Opened, make: Make[C]) -> list[C]:
         chunks.append(make(plan.record, piece))
         plan.delivered_chunk(piece.text)
     opened.pending = []
+    opened.handed_out = bool(chunks)
     return chunks
 
 
@@ -497,6 +506,9 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         }
         self._stop = threading.Event()
         self._hedge_lock = threading.Lock()
+        self._watchdog = Watchdog()
+        watched = [watch_transport(http) for http in self._http.values()]
+        self._watched = any(watched)
 
     def __enter__(self) -> SyncSharedClient:
         self.start()
@@ -534,6 +546,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             self._hedge_pool.shutdown(wait=True)
         for http in self._http.values():
             http.close()
+        self._watchdog.close()
         self.usage.close()
 
     # -- the driver: perform what the steps ask for ------------------------------------
@@ -561,8 +574,22 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             return None
         assert isinstance(op, Send | Read)
         limit, total = _limit(op)
-        if total and limit is not None and limit <= 0:
+        if limit is not None and limit <= 0:
             raise _deadline_error(op, total)
+        # httpx bounds each socket read, not the operation: the watchdog shuts the socket
+        # down when the whole send or read outlasts its deadline (a server trickling bytes).
+        alarm = self._watchdog.arm(limit) if limit is not None and self._watched else None
+        try:
+            value = self._perform_io(op, limit, total, alarm)
+        finally:
+            if alarm is not None:
+                self._watchdog.disarm(alarm)
+        if alarm is not None and alarm.fired:  # a cut-short body may have looked complete
+            raise _deadline_error(op, total)
+        return value
+
+    def _perform_io(self, op: Send | Read, limit: float | None, total: bool,
+                    alarm: Alarm | None) -> Any:  # fmt: skip
         try:
             if isinstance(op, Send):
                 # httpx bounds each socket read; the deadline shortens the bound when closer.
@@ -575,6 +602,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                 try:
                     return _head(http.send(request, stream=True))
                 except httpx.RemoteProtocolError:
+                    if alarm is not None and alarm.fired:
+                        raise
                     # See _STALE: once more, on a fresh connection.
                     return _head(http.send(request, stream=True))
             reply: _Reply = op.head.handle
@@ -592,6 +621,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                 raise _deadline_error(op, True) from None
             raise _transport_error(op, exc) from None
         except httpx.HTTPError as exc:
+            if alarm is not None and alarm.fired:
+                raise _deadline_error(op, total) from None
             raise _transport_error(op, exc) from None
 
     # -- health -----------------------------------------------------------------------

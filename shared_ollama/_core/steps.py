@@ -83,6 +83,9 @@ class Read:
     #: or with ``truncate`` returns the first ``max_bytes`` (error bodies: only a message).
     max_bytes: int | None = None
     truncate: bool = False
+    #: Streams: when the phase itself ends (the first chunk, or the next one, must be complete
+    #: by then), so bytes trickled in without ever making a chunk do not reset the deadline.
+    phase_deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +142,15 @@ def _send(plan: CallPlan, ep: EndpointState, wire: WireRequest,
     return Send(ep, wire, headers, plan.timeouts.first_chunk_s, plan.deadline, plan.model)
 
 
-def _read(plan: CallPlan, head: Head, ep: EndpointState, *, whole: bool) -> Read:
+def _read(plan: CallPlan, head: Head, ep: EndpointState, *, whole: bool,
+          phase_started: float | None = None) -> Read:  # fmt: skip
     first = plan.record.t_first_chunk_ns is None
     phase: Phase = "first_chunk" if first or whole else "between_chunks"
     t = plan.timeouts
     limit = t.first_chunk_s if phase == "first_chunk" else t.between_chunks_s
     if not whole:
-        return Read(head, ep, phase, limit, plan.deadline, whole, plan.model)
+        ends = None if limit is None or phase_started is None else phase_started + limit
+        return Read(head, ep, phase, limit, plan.deadline, whole, plan.model, phase_deadline=ends)
     failed = head.status >= 400
     size = plan.limits.max_error_bytes if failed else plan.limits.max_response_bytes
     return Read(head, ep, phase, limit, plan.deadline, whole, plan.model, size, failed)
@@ -195,6 +200,11 @@ class Opened:
     state: StreamState
     pending: list[Piece] = field(default_factory=list)
     eof: bool = False
+    #: When the current phase began (the attempt's start, then each chunk's arrival, or the
+    #: moment the caller came back for more after taking chunks: its own time is not counted).
+    phase_started: float | None = None
+    #: Set by the driver when it handed chunks to the caller.
+    handed_out: bool = False
 
     @property
     def endpoint(self) -> EndpointState:
@@ -221,6 +231,7 @@ def open_stream(plan: CallPlan, op: Op[Parsed], trace: Mapping[str, str]) -> Ste
             plan.record.server_timings.update(codec.response_timings(head.headers))
             kind: Literal["chat", "generate"] = "chat" if op.operation == "chat" else "generate"
             opened = Opened(head, att, StreamState(plan, codec.stream_parser(kind)))
+            opened.phase_started = now
             while not opened.pending and not opened.eof:
                 yield from read_more(plan, opened)
         return opened
@@ -234,14 +245,22 @@ def open_stream(plan: CallPlan, op: Op[Parsed], trace: Mapping[str, str]) -> Ste
 
 def read_more(plan: CallPlan, opened: Opened) -> Steps[None]:
     """Read the next bytes of an open stream into ``opened.pending``."""
-    data: bytes | None = yield _read(plan, opened.head, opened.endpoint, whole=False)
+    if opened.handed_out:
+        opened.handed_out = False
+        opened.phase_started, _ = yield NOW
+    read = _read(plan, opened.head, opened.endpoint, whole=False,
+                 phase_started=opened.phase_started)  # fmt: skip
+    data: bytes | None = yield read
     now, now_ns = yield NOW
     if data is None:
         opened.eof = True
         opened.pending.extend(opened.state.end(now_ns))
         plan.end(opened.attempt, now, now_ns, status_code=opened.head.status)
     else:
-        opened.pending.extend(opened.state.feed(data, now_ns))
+        pieces = opened.state.feed(data, now_ns)
+        if pieces:
+            opened.phase_started = now
+        opened.pending.extend(pieces)
 
 
 def interrupted(plan: CallPlan, opened: Opened, cause: SharedOllamaError) -> SharedOllamaError:
