@@ -17,6 +17,7 @@ from ..errors import (
     InvalidRequest,
     ModelNotFound,
     Overloaded,
+    ProtocolError,
     RateLimited,
     ServerError,
     SharedOllamaError,
@@ -26,7 +27,7 @@ from ..errors import (
 if TYPE_CHECKING:  # a runtime import would make _core and protocols import each other
     from ..protocols.base import Codec, WireResponse
 
-__all__ = ["MAX_SERVER_MESSAGE", "error_for_response", "parse_retry_after"]
+__all__ = ["MAX_SERVER_MESSAGE", "error_for_response", "is_answer", "parse_retry_after"]
 
 #: How much of the server's message an error carries (error pages can be huge).
 MAX_SERVER_MESSAGE: Final = 500
@@ -55,6 +56,14 @@ _UNEXPECTED: Final = _Rule(ServerError, "unexpected HTTP status")
 # A 404 that does not talk about a model is a path the server does not have: usually an
 # endpoint configured with the wrong protocol kind. Retrying will not help.
 _NO_ROUTE: Final = _Rule(InvalidRequest, "route not found (is the endpoint's kind right?)")
+# Redirects are never followed (a POST body and an API key must not go where a server points)
+# and a 3xx is no answer: usually http:// where the server wants https://, or a proxy's login.
+_REDIRECT: Final = _Rule(ProtocolError, "redirect refused (is the endpoint's URL right?)")
+
+
+def is_answer(status: int) -> bool:
+    """Whether a status carries the reply itself (2xx); anything else becomes an error."""
+    return 200 <= status <= 299
 
 
 def error_for_response(
@@ -68,14 +77,19 @@ def error_for_response(
     now_epoch: float,
 ) -> SharedOllamaError:
     """The exception for a non-2xx reply (returned, not raised: the caller decides)."""
-    message = codec.error_message(resp)
+    if 300 <= resp.status <= 399:
+        # Where it pointed, without a query string (which may carry a token).
+        location = resp.headers.get("location", "").split("?", 1)[0]
+        message: str | None = f"Location: {location}" if location else None
+    else:
+        message = codec.error_message(resp)
     if message is not None and len(message) > MAX_SERVER_MESSAGE:
         message = message[: MAX_SERVER_MESSAGE - 3] + "..."
     rule = _rule_for(codec, resp, model, message)
     kwargs: dict[str, Any] = dict(rule.extra)
     if issubclass(rule.error, RateLimited):
         kwargs["retry_after"] = _retry_after(resp.headers, now_epoch)
-    return rule.error(
+    error = rule.error(
         rule.label,
         endpoint=endpoint,
         model=model,
@@ -85,9 +99,14 @@ def error_for_response(
         request_id=request_id,
         **kwargs,
     )
+    if rule is _REDIRECT:
+        error.retryable = False  # the endpoint's configuration, not a passing fault
+    return error
 
 
 def _rule_for(codec: Codec, resp: WireResponse, model: str | None, message: str | None) -> _Rule:
+    if 300 <= resp.status <= 399:
+        return _REDIRECT
     if codec.is_overload(resp):
         return _OVERLOAD
     rule = _BY_STATUS.get(resp.status)

@@ -17,7 +17,7 @@ from ..pool import AUTO_PROBES, EndpointState, detect_kind
 from ..protocols import Codec, ListedModel, Parsed, Piece, WireRequest, WireResponse
 from .plan import Attempt, CallPlan
 from .requests import Op
-from .status import error_for_response
+from .status import error_for_response, is_answer
 from .streams import StreamState
 
 __all__ = [
@@ -151,7 +151,7 @@ def _read(plan: CallPlan, head: Head, ep: EndpointState, *, whole: bool,
     if not whole:
         ends = None if limit is None or phase_started is None else phase_started + limit
         return Read(head, ep, phase, limit, plan.deadline, whole, plan.model, phase_deadline=ends)
-    failed = head.status >= 400
+    failed = not is_answer(head.status)
     size = plan.limits.max_error_bytes if failed else plan.limits.max_response_bytes
     return Read(head, ep, phase, limit, plan.deadline, whole, plan.model, size, failed)
 
@@ -175,7 +175,7 @@ def attempt(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:
             finally:
                 yield Close(head)
             reply = WireResponse(head.status, head.headers, body)
-            if status >= 400:
+            if not is_answer(status):
                 raise _error(codec, reply, ep, plan, (yield WALL))
             result = op.parse(codec, reply)
         if isinstance(result, Parsed):
@@ -224,7 +224,7 @@ def open_stream(plan: CallPlan, op: Op[Parsed], trace: Mapping[str, str]) -> Ste
     try:
         with ep.breaker.calling():
             head = yield _send(plan, ep, op.build(codec, choice.served_model), trace)
-            if head.status >= 400:
+            if not is_answer(head.status):
                 body: bytes = yield _read(plan, head, ep, whole=True)
                 reply = WireResponse(head.status, head.headers, body)
                 raise _error(codec, reply, ep, plan, (yield WALL))
@@ -273,7 +273,7 @@ def _simple(ep: EndpointState, wire: WireRequest, project: str,
             timeout: float) -> Steps[WireResponse]:  # fmt: skip
     headers = request_headers(ep.config, "probe", project, None)
     head: Head = yield Send(ep, wire, headers, timeout)
-    failed = head.status >= 400
+    failed = not is_answer(head.status)
     # Probes and listings keep the default bounds (a model list is far below them).
     size = _PROBE_LIMITS.max_error_bytes if failed else _PROBE_LIMITS.max_response_bytes
     try:
@@ -341,7 +341,7 @@ def list_one(ep: EndpointState, operation: str, project: str,
         raise NoEndpointAvailable("protocol not detected", endpoint=ep.url)
     ps = codec.ps() if operation == "ps" else None
     reply = yield from _simple(ep, ps or codec.list_models(), project, timeout)
-    if reply.status >= 400:
+    if not is_answer(reply.status):
         raise _error(codec, reply, ep, None)
     models = codec.parse_ps(reply) if ps else codec.parse_list(reply)
     if operation == "list":

@@ -104,3 +104,27 @@ async def test_auto_endpoint_that_never_identifies_itself_is_waited_out_briefly(
             elapsed = time.monotonic() - started
     assert "protocol not detected" in str(info.value)
     assert elapsed < timeouts.total_s / 10  # the short wait, not the call's deadline
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_redirect_is_a_typed_error_not_a_success(make_driver: Any, status: int) -> None:
+    """A 3xx is never followed (it would carry the body and key elsewhere) and never parsed
+    as an answer: a ProtocolError naming where it pointed, without its query string."""
+
+    def respond(method: str, path: str) -> bytes:
+        if path.startswith("/api/tags"):
+            return http_reply(200, b'{"models": []}')
+        target = {"Location": "https://elsewhere.example/api/chat?token=s3cret"}
+        return http_reply(status, b"", headers=target)
+
+    with HostileServer(respond) as server:
+        endpoint = Endpoint(server.url, kind="ollama", models={"m": "m"})
+        async with make_driver([endpoint]) as d:
+            with pytest.raises(ProtocolError) as info:
+                await d.call("chat", model="m", messages=MESSAGES)
+            _, error = await d.stream_collect("chat", model="m", messages=MESSAGES)
+    assert info.value.status_code == status
+    assert "redirect refused" in str(info.value)
+    assert "elsewhere.example/api/chat" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    assert isinstance(error, ProtocolError) and error.status_code == status

@@ -14,6 +14,7 @@ from shared_ollama.errors import (
     InvalidRequest,
     ModelNotFound,
     Overloaded,
+    ProtocolError,
     RateLimited,
     ServerError,
     SharedOllamaError,
@@ -80,7 +81,7 @@ TABLE: list[tuple[str, int, bytes, type[SharedOllamaError]]] = [
     ("openai", 504, b"", ServerError),
     ("tgi", 424, P.body(P.TGI_STREAM_ERROR), ServerError),
     ("ollama", 409, b"", ServerError),
-    ("openai", 302, b"", ServerError),
+    ("openai", 302, b"", ProtocolError),  # redirects are refused, never answers
     ("openai", 418, b"", ServerError),
 ]
 
