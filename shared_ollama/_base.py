@@ -7,6 +7,7 @@ closing (see ``client.py``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from .config import (
     UsageConfig,
     load_config,
 )
-from .errors import ConfigError, SharedOllamaError
+from .errors import ClientClosed, ConfigError, SharedOllamaError
 from .pool import EndpointStatus, Pool
 from .protocols import ListedModel
 from .records import CallListener, CallRecord
@@ -129,6 +130,11 @@ class BaseClient(Generic[TransportT]):
         self._telemetry = telemetry or Telemetry()
         self._telemetry.observe_pool(self._status_dicts)
         self._closed = False
+        #: Set by close before anything is torn down: new calls and sends get ClientClosed.
+        self._closing = False
+        #: Calls started and not yet recorded, with their span and owner.
+        self._calls: dict[CallPlan, tuple[CallSpan, object]] = {}
+        self._record_lock = threading.Lock()
         self._started = False
         self._open_connections(transport)
 
@@ -175,8 +181,8 @@ class BaseClient(Generic[TransportT]):
         tags: Mapping[str, str] | None,
         content: object = None,
     ) -> tuple[CallPlan, CallSpan]:
-        if self._closed:
-            raise SharedOllamaError("client is closed")
+        if self._closed or self._closing:
+            raise ClientClosed("client is closed", model=model)
         project = project or self.project
         now = time.monotonic()
         self.usage.check(project, now)
@@ -199,13 +205,32 @@ class BaseClient(Generic[TransportT]):
         )
         span = self._telemetry.start(operation, model, project, stream)
         span.set_input(content)
+        self._calls[plan] = (span, self._owner())
         return plan, span
+
+    def _owner(self) -> object:
+        """Who runs a call: its asyncio task, or its thread (see the drivers)."""
+        return None
+
+    def _call_finished(self) -> None:
+        """A call's record went out (the drivers wake a closing client)."""
+
+    def _finish_abandoned(self) -> None:
+        """At close: calls no driver will finish now (a stream the caller stopped reading, a
+        call between two sends) get their record here, ``ClientClosed``, exactly once."""
+        for plan, (span, _) in list(self._calls.items()):
+            error = self._annotate(plan, ClientClosed("the client was closed during the call"))
+            self._finish(plan, span, error)
 
     def _finish(self, plan: CallPlan, span: CallSpan, error: BaseException | None) -> CallRecord:
         """Close the call's record and hand it to usage, telemetry and listeners, once."""
-        for att in list(plan.open):  # attempts still holding a slot (cancelled, hedges)
-            plan.end(att, time.monotonic(), time.monotonic_ns(), error=error)
-        record = plan.finish(time.monotonic_ns(), error)
+        with self._record_lock:  # a closing client and the call's own driver may race here
+            if plan.finished:  # recorded at close: the driver's own finish is a no-op
+                return plan.record
+            self._calls.pop(plan, None)
+            for att in list(plan.open):  # attempts still holding a slot (cancelled, hedges)
+                plan.end(att, time.monotonic(), time.monotonic_ns(), error=error)
+            record = plan.finish(time.monotonic_ns(), error)
         span.set_output(plan.output_text)
         sinks: list[CallListener] = [self.usage, span.end, *self._listeners]
         for sink in sinks:
@@ -213,6 +238,7 @@ class BaseClient(Generic[TransportT]):
                 sink(record)
             except Exception:
                 log.exception("call listener %r failed", sink)
+        self._call_finished()
         return record
 
     def _annotate(self, plan: CallPlan, exc: BaseException) -> BaseException:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import math
 import socket
 import threading
 import time
@@ -125,11 +126,12 @@ def watch_transport(client: httpx.Client) -> bool:
 class Alarm:
     """One armed deadline of one thread; ``fired`` tells whether it rang."""
 
-    __slots__ = ("done", "due", "fired", "slot")
+    __slots__ = ("done", "due", "fired", "slot", "thread")
 
     def __init__(self, due: float, slot: _Slot) -> None:
         self.due = due
         self.slot = slot
+        self.thread = threading.get_ident()
         self.fired = False
         self.done = False
 
@@ -144,11 +146,12 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def arm(self, seconds: float) -> Alarm:
-        """An alarm for the calling thread, ``seconds`` from now."""
+    def arm(self, seconds: float | None) -> Alarm:
+        """An alarm for the calling thread, ``seconds`` from now (None: only ``ring_all``)."""
         slot = _slot()
         slot.stream = None  # only a stream this operation touches may be shut down
-        alarm = Alarm(time.monotonic() + max(0.0, seconds), slot)
+        due = math.inf if seconds is None else time.monotonic() + max(0.0, seconds)
+        alarm = Alarm(due, slot)
         with self._cond:
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(
@@ -164,6 +167,18 @@ class Watchdog:
         """The operation ended; under the lock, so a ringing alarm cannot kill a later one."""
         with self._cond:
             alarm.done = True
+
+    def ring_all(self) -> set[int]:
+        """Ring every armed alarm now (the client is closing); the threads they belonged to."""
+        with self._cond:
+            threads = set()
+            for _, _, alarm in self._heap:
+                if not alarm.done and not alarm.fired:
+                    alarm.fired = True
+                    threads.add(alarm.thread)
+                    if alarm.slot.stream is not None:
+                        alarm.slot.stream.kill()
+            return threads
 
     def close(self) -> None:
         """Stop the thread (idempotent)."""
@@ -186,6 +201,8 @@ class Watchdog:
                     self._cond.wait(wait)
                     continue
                 _, _, alarm = heapq.heappop(self._heap)
+                if alarm.fired:
+                    continue  # rung by ring_all already
                 alarm.fired = True
                 stream = alarm.slot.stream
                 if stream is not None:

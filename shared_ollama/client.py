@@ -28,7 +28,7 @@ from ._core.results import CHUNKS, RESPONSES
 from ._core.steps import NOW, WALL, Close, Head, IOOp, Opened, Read, Send, Steps
 from ._transport import client_kwargs, map_transport_error, to_httpx
 from ._watchdog import Alarm, Watchdog, watch_transport
-from .errors import NoEndpointAvailable, ProtocolError, SharedOllamaError, Timeout
+from .errors import ClientClosed, NoEndpointAvailable, ProtocolError, SharedOllamaError, Timeout
 from .pool import EndpointState, next_probe_delay
 from .protocols import ListedModel, Parsed, Piece
 from .types import (
@@ -100,6 +100,17 @@ class _Body:
             model=self.op.model,
             status_code=self.op.head.status,
         )
+
+
+# How long close waits for calls it cancelled to record themselves (they take microseconds).
+_CLOSE_WAIT_S = 5.0
+_CLOSING = "shared_ollama: the client is closing"
+
+
+def _closed_error(op: Send | Read) -> ClientClosed:
+    return ClientClosed(
+        "the client was closed during the call", endpoint=op.endpoint.url, model=op.model
+    )
 
 
 def _limit(op: Send | Read) -> tuple[float | None, bool]:
@@ -186,6 +197,17 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             )
             for ep in self._pool.endpoints
         }
+        #: Tasks inside a send or read now (a count: hedges nest), and those close cancelled.
+        self._performing: dict[asyncio.Task[Any], int] = {}
+        self._close_cancelled: set[asyncio.Task[Any]] = set()
+        self._recorded: asyncio.Event | None = None
+
+    def _owner(self) -> object:
+        return asyncio.current_task()
+
+    def _call_finished(self) -> None:
+        if self._recorded is not None:
+            self._recorded.set()
 
     async def __aenter__(self) -> SharedClient:
         await self.start()
@@ -209,9 +231,28 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
 
     async def aclose(self) -> None:
-        """Stop probes, close connections and flush the usage ledger (idempotent)."""
-        if self._closed:
+        """Stop probes, end calls in flight, close connections, flush the ledger (idempotent).
+
+        Calls inside a send or read are cancelled and raise ``ClientClosed``; every call still
+        open gets its record (``ClientClosed``) before the ledger is flushed and closed.
+        """
+        if self._closed or self._closing:
             return
+        self._closing = True
+        me = asyncio.current_task()
+        victims = {task for task in self._performing if task is not me and not task.done()}
+        for task in victims:
+            self._close_cancelled.add(task)
+            task.cancel(_CLOSING)
+        waiting = {plan for plan, (_, owner) in self._calls.items() if owner in victims}
+        self._recorded = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + _CLOSE_WAIT_S
+        while waiting & self._calls.keys() and loop.time() < until:
+            self._recorded.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recorded.wait(), until - loop.time())
+        self._finish_abandoned()
         self._closed = True
         if self._health_task is not None:
             self._health_task.cancel()
@@ -245,6 +286,31 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             await op.head.handle.response.aclose()
             return None
         assert isinstance(op, Send | Read)
+        if self._closing:
+            raise _closed_error(op)
+        task = asyncio.current_task()
+        assert task is not None
+        self._performing[task] = self._performing.get(task, 0) + 1
+        try:
+            return await self._perform_io(op)
+        except asyncio.CancelledError:
+            if task not in self._close_cancelled:
+                raise  # the caller's own cancellation
+            self._close_cancelled.discard(task)
+            task.uncancel()
+            raise _closed_error(op) from None
+        except (SharedOllamaError, httpx.HTTPError, RuntimeError) as exc:
+            # Whatever a closing pool makes of a send or read is the close, not a fault.
+            if self._closing and not isinstance(exc, ClientClosed):
+                raise _closed_error(op) from exc
+            raise
+        finally:
+            if self._performing[task] == 1:
+                del self._performing[task]
+            else:
+                self._performing[task] -= 1
+
+    async def _perform_io(self, op: Send | Read) -> Any:
         limit, total = _limit(op)
         try:
             async with asyncio.timeout(limit):
@@ -507,8 +573,17 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         self._stop = threading.Event()
         self._hedge_lock = threading.Lock()
         self._watchdog = Watchdog()
+        self._recorded = threading.Condition()
         watched = [watch_transport(http) for http in self._http.values()]
         self._watched = any(watched)
+
+    def _owner(self) -> object:
+        return threading.get_ident()
+
+    def _call_finished(self) -> None:
+        if self._closing:
+            with self._recorded:
+                self._recorded.notify_all()
 
     def __enter__(self) -> SyncSharedClient:
         self.start()
@@ -535,9 +610,22 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             self._health_thread.start()
 
     def close(self) -> None:
-        """Stop probes, close connections and flush the usage ledger (idempotent)."""
-        if self._closed:
+        """Stop probes, end calls in flight, close connections, flush the ledger (idempotent).
+
+        Sends and reads in flight in other threads are cut off (their sockets shut down) and
+        raise ``ClientClosed``; every call still open gets its record before the ledger closes.
+        """
+        if self._closed or self._closing:
             return
+        self._closing = True
+        victims = self._watchdog.ring_all()
+        calls = list(self._calls.items())
+        waiting = {plan for plan, (_, owner) in calls if owner in victims}
+        with self._recorded:
+            self._recorded.wait_for(
+                lambda: not waiting.intersection(list(self._calls)), timeout=_CLOSE_WAIT_S
+            )
+        self._finish_abandoned()
         self._closed = True
         self._stop.set()
         if self._health_thread is not None:
@@ -576,14 +664,23 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         limit, total = _limit(op)
         if limit is not None and limit <= 0:
             raise _deadline_error(op, total)
+        if self._closing:
+            raise _closed_error(op)
         # httpx bounds each socket read, not the operation: the watchdog shuts the socket
-        # down when the whole send or read outlasts its deadline (a server trickling bytes).
-        alarm = self._watchdog.arm(limit) if limit is not None and self._watched else None
+        # down when the whole send or read outlasts its deadline (a server trickling bytes),
+        # or at once when the client closes.
+        alarm = self._watchdog.arm(limit) if self._watched else None
         try:
             value = self._perform_io(op, limit, total, alarm)
+        except (SharedOllamaError, httpx.HTTPError, RuntimeError) as exc:
+            if self._closing and not isinstance(exc, ClientClosed):
+                raise _closed_error(op) from exc
+            raise
         finally:
             if alarm is not None:
                 self._watchdog.disarm(alarm)
+        if self._closing:
+            raise _closed_error(op)
         if alarm is not None and alarm.fired:  # a cut-short body may have looked complete
             raise _deadline_error(op, total)
         return value

@@ -31,6 +31,7 @@ __all__ = [
     "AuthError",
     "BudgetExceeded",
     "CircuitOpen",
+    "ClientClosed",
     "ConfigError",
     "ConnectError",
     "EndpointError",
@@ -213,6 +214,10 @@ class BudgetExceeded(SharedOllamaError):
 
 class ConfigError(SharedOllamaError):
     """The configuration is invalid."""
+
+
+class ClientClosed(SharedOllamaError):
+    """The client was closed before or while the call ran; the call is recorded as an error."""
 
 
 class ProtocolError(SharedOllamaError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, TypeVar
 
 from ..config import Endpoint, Limits
-from ..errors import NoEndpointAvailable, SharedOllamaError
+from ..errors import ClientClosed, NoEndpointAvailable, SharedOllamaError
 from ..pool import AUTO_PROBES, EndpointState, detect_kind
 from ..protocols import Codec, ListedModel, Parsed, Piece, WireRequest, WireResponse
 from .plan import Attempt, CallPlan
@@ -264,7 +264,12 @@ def read_more(plan: CallPlan, opened: Opened) -> Steps[None]:
 
 
 def interrupted(plan: CallPlan, opened: Opened, cause: SharedOllamaError) -> SharedOllamaError:
-    """A stream broke after delivery: count it against the endpoint, never retry it."""
+    """A stream broke after delivery: count it against the endpoint, never retry it.
+
+    A stream ended by closing the client is no fault of the endpoint: ``ClientClosed`` as is.
+    """
+    if isinstance(cause, ClientClosed):
+        return cause
     opened.endpoint.breaker.record_failure(cause)
     return plan.interrupted(cause)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeAlias
 import pybreaker
 
 from ..config import BreakerPolicy
-from ..errors import CircuitOpen, SharedOllamaError
+from ..errors import CircuitOpen, ClientClosed, SharedOllamaError
 from ..records import PoolEvent
 
 __all__ = ["BreakerState", "EndpointBreaker"]
@@ -124,6 +124,8 @@ class EndpointBreaker:
         probe = self._admit()
         try:
             yield
+        except ClientClosed:
+            raise  # our own close: proves nothing about the endpoint
         except SharedOllamaError as exc:
             if exc.breaker_failure:
                 self.record_failure(exc)
