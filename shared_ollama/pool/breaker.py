@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
 
 import pybreaker
@@ -66,6 +65,8 @@ class EndpointBreaker:
         self._lock = threading.Lock()
         self._events: list[PoolEvent] = []
         self._probing = False
+        #: When the breaker last opened, on ``clock_ns`` (monotonic).
+        self._opened_ns: int | None = None
         self._cb = pybreaker.CircuitBreaker(
             fail_max=policy.failure_threshold,
             reset_timeout=policy.reset_timeout_s,
@@ -89,12 +90,11 @@ class EndpointBreaker:
 
     def seconds_until_probe(self) -> float:
         """Seconds until an open breaker admits a probe (0 when it would now)."""
-        if self.state != "open":
+        if self.state != "open" or self._opened_ns is None:
             return 0.0
-        opened_at = self._cb._state_storage.opened_at
-        if opened_at is None:
-            return 0.0
-        elapsed = (datetime.now(UTC) - opened_at).total_seconds()
+        # On our monotonic clock, not pybreaker's ``datetime.now()`` stamp: a wall clock
+        # stepped back an hour would otherwise keep the breaker open for an hour more.
+        elapsed = (self._clock_ns() - self._opened_ns) / 1e9
         return max(0.0, self.policy.reset_timeout_s - elapsed)
 
     def admits(self) -> tuple[bool, str | None]:
@@ -179,6 +179,9 @@ class EndpointBreaker:
     def _on_change(self, old: BreakerState, new: BreakerState) -> None:
         if old == new:
             return
-        event = PoolEvent("breaker", self.endpoint, old, new, self._clock_ns())
+        now_ns = self._clock_ns()
+        if new == "open":
+            self._opened_ns = now_ns
+        event = PoolEvent("breaker", self.endpoint, old, new, now_ns)
         with self._lock:
             self._events.append(event)

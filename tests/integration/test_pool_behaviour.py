@@ -147,7 +147,9 @@ async def test_cancelled_half_open_probe_leaves_the_breaker_half_open() -> None:
                 await client.chat(model=MODEL, messages=MESSAGES)
             breaker = client._pool.endpoints[0].breaker
             assert breaker.state == "open"
-            # Age it past its reset timeout instead of waiting 60 s.
+            # Age it past its reset timeout instead of waiting 60 s (its monotonic stamp, and
+            # pybreaker's own to match).
+            breaker._opened_ns -= 61 * 10**9
             storage = breaker._cb._state_storage
             storage.opened_at = datetime.now(UTC) - timedelta(seconds=61)
 

@@ -155,10 +155,31 @@ def test_breaker_counts_only_endpoint_faults() -> None:
 
 
 def _age_open_breaker(br: object, seconds: float) -> None:
-    # pybreaker keeps the opening time as a UTC datetime: move it into the past instead of
-    # waiting for the reset timeout.
+    # Move the opening time into the past instead of waiting for the reset timeout: ours on
+    # the monotonic clock, and pybreaker's UTC stamp to match.
+    br._opened_ns -= int(seconds * 1e9)  # type: ignore[attr-defined]
     storage = br._cb._state_storage  # type: ignore[attr-defined]
     storage.opened_at = datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+def test_breaker_waits_on_the_monotonic_clock_not_the_wall_clock() -> None:
+    """A wall clock stepped back an hour (pybreaker's stamp now lies in the future) changes
+    nothing: the breaker admits its probe after ``reset_timeout_s`` of monotonic time."""
+    from shared_ollama.config import BreakerPolicy
+    from shared_ollama.pool.breaker import EndpointBreaker
+
+    now_ns = [10**12]
+    br = EndpointBreaker("http://a", BreakerPolicy(failure_threshold=1, reset_timeout_s=10),
+                         clock_ns=lambda: now_ns[0])  # fmt: skip
+    br.record_failure(ServerError("boom"))
+    assert br.state == "open"
+    storage = br._cb._state_storage
+    storage.opened_at = datetime.now(UTC) + timedelta(hours=1)  # the wall clock went back 1 h
+    assert br.admits()[0] is False and br.seconds_until_probe() == pytest.approx(10.0)
+    now_ns[0] += 9 * 10**9
+    assert br.seconds_until_probe() == pytest.approx(1.0)
+    now_ns[0] += 1 * 10**9
+    assert br.admits() == (True, None)
 
 
 def test_breaker_half_open_admits_one_probe_then_closes() -> None:
