@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -197,6 +198,10 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             )
             for ep in self._pool.endpoints
         }
+        #: Resolved when an endpoint gives a slot back: calls waiting for one re-route at once.
+        self._slot_freed: asyncio.Future[None] | None = None
+        for ep in self._pool.endpoints:
+            ep.on_release = self._wake_slot_waiters
         #: Tasks inside a send or read now (a count: hedges nest), and those close cancelled.
         self._performing: dict[asyncio.Task[Any], int] = {}
         self._close_cancelled: set[asyncio.Task[Any]] = set()
@@ -204,6 +209,22 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
 
     def _owner(self) -> object:
         return asyncio.current_task()
+
+    def _wake_slot_waiters(self) -> None:
+        freed, self._slot_freed = self._slot_freed, None
+        if freed is not None and not freed.done():
+            freed.set_result(None)
+
+    async def _sleep(self, plan: CallPlan, seconds: float) -> None:
+        """tenacity's sleep: a backoff sleeps; a wait for a slot ends at the next release."""
+        if not plan.slot_wait:
+            await asyncio.sleep(seconds)
+            return
+        if self._slot_freed is None:
+            self._slot_freed = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await asyncio.shield(self._slot_freed)
 
     def _call_finished(self) -> None:
         if self._recorded is not None:
@@ -362,7 +383,9 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                                 timeout=timeout, tags=tags, content=op.content)  # fmt: skip
         error: BaseException | None = None
         try:
-            async for attempt in AsyncRetrying(sleep=asyncio.sleep, **plan.tenacity_kwargs()):
+            async for attempt in AsyncRetrying(
+                sleep=partial(self._sleep, plan), **plan.tenacity_kwargs()
+            ):
                 with attempt:
                     result = await self._attempt(plan, op, span.headers())
             return result, plan
@@ -406,7 +429,9 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         error: BaseException | None = None
         opened: Opened | None = None
         try:
-            async for attempt in AsyncRetrying(sleep=asyncio.sleep, **plan.tenacity_kwargs()):
+            async for attempt in AsyncRetrying(
+                sleep=partial(self._sleep, plan), **plan.tenacity_kwargs()
+            ):
                 with attempt:
                     opened = await self._run(steps.open_stream(plan, op, span.headers()))
             assert opened is not None
@@ -574,11 +599,33 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         self._hedge_lock = threading.Lock()
         self._watchdog = Watchdog()
         self._recorded = threading.Condition()
+        #: Calls waiting for a free slot sleep on this; a release wakes them.
+        self._slot_freed = threading.Condition()
+        self._slot_waiters = 0
+        for ep in self._pool.endpoints:
+            ep.on_release = self._wake_slot_waiters
         watched = [watch_transport(http) for http in self._http.values()]
         self._watched = any(watched)
 
     def _owner(self) -> object:
         return threading.get_ident()
+
+    def _wake_slot_waiters(self) -> None:
+        if self._slot_waiters:  # no lock on the hot path when nobody waits
+            with self._slot_freed:
+                self._slot_freed.notify_all()
+
+    def _sleep(self, plan: CallPlan, seconds: float) -> None:
+        """tenacity's sleep: a backoff sleeps; a wait for a slot ends at the next release."""
+        if not plan.slot_wait:
+            time.sleep(seconds)
+            return
+        with self._slot_freed:
+            self._slot_waiters += 1
+            try:
+                self._slot_freed.wait(seconds)
+            finally:
+                self._slot_waiters -= 1
 
     def _call_finished(self) -> None:
         if self._closing:
@@ -744,7 +791,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                                 timeout=timeout, tags=tags, content=op.content)  # fmt: skip
         error: BaseException | None = None
         try:
-            for attempt in Retrying(sleep=time.sleep, **plan.tenacity_kwargs()):
+            for attempt in Retrying(sleep=partial(self._sleep, plan), **plan.tenacity_kwargs()):
                 with attempt:
                     result = self._attempt(plan, op, span.headers())
             return result, plan
@@ -792,7 +839,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         error: BaseException | None = None
         opened: Opened | None = None
         try:
-            for attempt in Retrying(sleep=time.sleep, **plan.tenacity_kwargs()):
+            for attempt in Retrying(sleep=partial(self._sleep, plan), **plan.tenacity_kwargs()):
                 with attempt:
                     opened = self._run(steps.open_stream(plan, op, span.headers()))
             assert opened is not None

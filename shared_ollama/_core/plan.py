@@ -45,9 +45,12 @@ class WaitingForEndpoint(NoEndpointAvailable):
     the typed error naming each endpoint and why.
     """
 
-    def __init__(self, message: str, *, retry_in: float, **kw: Any) -> None:
+    def __init__(self, message: str, *, retry_in: float, saturated: bool = False,
+                 **kw: Any) -> None:  # fmt: skip
         super().__init__(message, **kw)
         self.retry_in = retry_in
+        #: Waiting for a slot on a saturated endpoint: a release may end the wait early.
+        self.saturated = saturated
 
 
 @dataclass(eq=False, slots=True)
@@ -157,6 +160,8 @@ class CallPlan:
         #: Attempts sent and not yet ended (two while a hedge races the first).
         self.open: list[Attempt] = []
         self.delivered = 0
+        #: The coming wait is for a free slot (a release wakes it); else a plain backoff.
+        self.slot_wait = False
         self.delivered_text: list[str] = []
         self.finished = False
         self._parsed_text: str | None = None
@@ -200,8 +205,10 @@ class CallPlan:
                 **kw,
             )
         limit = self._wait_deadline if result.saturated else self._recover_deadline
-        # Waiting past the deadline would only delay the same error: fail now instead.
-        if result.retry_in is None or now >= limit or now + result.retry_in >= self._wait_deadline:
+        # Waiting past the deadline would only delay the same error: fail now instead. A slot
+        # on a saturated endpoint, though, may free up any moment (a release wakes the wait).
+        hopeless = not result.saturated and now + (result.retry_in or 0) >= self._wait_deadline
+        if result.retry_in is None or now >= limit or hopeless:
             raise NoEndpointAvailable(
                 f"no endpoint available for {self.model!r}", reasons=result.reasons, **kw
             )
@@ -209,6 +216,7 @@ class CallPlan:
             f"no endpoint available for {self.model!r}",
             reasons=result.reasons,
             retry_in=min(result.retry_in, limit - now),
+            saturated=result.saturated,
             **kw,
         )
 
@@ -313,6 +321,7 @@ class CallPlan:
         """Backoff before the next attempt, never past the deadline."""
         exc = rs.outcome.exception() if rs.outcome is not None else None
         now = rs.outcome_timestamp or 0.0
+        self.slot_wait = isinstance(exc, WaitingForEndpoint) and exc.saturated
         if isinstance(exc, WaitingForEndpoint):
             wait = exc.retry_in
         elif isinstance(exc, CircuitOpen):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -91,6 +91,8 @@ class EndpointState:
         self.calls = 0
         self.failures = 0
         self.rr_current = 0.0  # smooth weighted round robin bookkeeping
+        #: Called after a slot is given back (the driver wakes calls waiting for one).
+        self.on_release: Callable[[], None] | None = None
 
     # -- models -----------------------------------------------------------------------
     def served_name(self, model: str) -> str | None:
@@ -170,6 +172,8 @@ class EndpointState:
                     latency_s if prev is None else prev + _EWMA_ALPHA * (latency_s - prev)
                 )
                 self.latency_at = now
+        if self.on_release is not None:
+            self.on_release()
 
     def latency_estimate(self, now: float) -> float | None:
         """The latency EWMA, decayed toward zero since its last sample."""

@@ -25,9 +25,9 @@ _LATENCY_WINDOW = 500
 # Served by every protocol: where there is no show route the model list answers it.
 _EVERYWHERE = frozenset({"show"})
 
-# Re-check interval when endpoints are only saturated (in-flight cap): releases also
-# wake waiters, this just bounds a missed wake-up.
-_SATURATED_RECHECK_S = 0.05
+# Re-check interval when endpoints are only saturated (in-flight cap): a released slot
+# wakes the waiters at once (EndpointState.on_release); this only bounds a missed wake-up.
+_SATURATED_RECHECK_S = 1.0
 _SATURATED = "saturated"
 
 

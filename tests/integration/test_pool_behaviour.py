@@ -261,3 +261,32 @@ async def test_dead_pool_answers_within_the_no_endpoint_wait(make_driver: Any) -
             seen.append((type(info.value).__name__, time.monotonic() - started))
     assert seen[-1][0] == "NoEndpointAvailable", seen
     assert max(elapsed for _, elapsed in seen) < timeouts.total_s / 10, seen
+
+
+async def test_a_released_slot_wakes_the_waiting_call(
+    make_driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``max_in_flight=1`` a second call waits for the slot; the release wakes it, so it
+    starts as the first ends rather than at the next re-check (a missed-wake-up bound, made
+    long here so that only a wake-up can explain a prompt start)."""
+    import shared_ollama.pool.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "_SATURATED_RECHECK_S", 30.0)
+    slow = TimingModel(ttft_base_s=0.3, ttft_per_prompt_token_s=0.0, itl_s=0.0,
+                       default_max_tokens=1)  # fmt: skip
+    with FakeEngine(kind="ollama", models=(MODEL,), timing=slow, slots=4) as engine:
+        capped = Endpoint(engine.url, kind="ollama", max_in_flight=1)
+        async with make_driver([capped]) as d:
+
+            async def timed() -> float:
+                await d.call("chat", model=MODEL, messages=MESSAGES)
+                return time.monotonic()
+
+            started = time.monotonic()
+            first = asyncio.create_task(timed())
+            await engine.await_stats(lambda s: s.in_flight == 1)
+            second = asyncio.create_task(timed())
+            first_end, second_end = await asyncio.gather(first, second)
+    own = first_end - started  # one call's own duration, measured here
+    # The second ran right after the first: about one call's time later, not a re-check later.
+    assert second_end - first_end < 2 * own, (own, second_end - first_end)
