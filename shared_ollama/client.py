@@ -54,7 +54,11 @@ Make = Callable[[Any, Piece], C]
 # _STALE: "Server disconnected without sending a response" on a pooled keep-alive connection
 # the server had already closed (llama-server closes after every stream while advertising
 # keep-alive). The server never saw the request, so sending it again at once is safe and
-# must not cost a retry, a breaker failure or budget.
+# must not cost a retry, a breaker failure or budget. Any other protocol error (a garbled
+# status line, a broken head) is an answer of sorts: it goes through the retry policy and
+# counts as an attempt.
+def _stale(exc: httpx.RemoteProtocolError) -> bool:
+    return "without sending a response" in str(exc)
 
 
 class _Reply:
@@ -340,7 +344,9 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                     request = to_httpx(http, op.wire, op.headers)
                     try:
                         return _head(await http.send(request, stream=True))
-                    except httpx.RemoteProtocolError:
+                    except httpx.RemoteProtocolError as exc:
+                        if not _stale(exc):
+                            raise
                         # See _STALE: once more, on a fresh connection.
                         return _head(await http.send(request, stream=True))
                 reply: _Reply = op.head.handle
@@ -745,8 +751,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                 request = to_httpx(http, op.wire, op.headers, timeout)
                 try:
                     return _head(http.send(request, stream=True))
-                except httpx.RemoteProtocolError:
-                    if alarm is not None and alarm.fired:
+                except httpx.RemoteProtocolError as exc:
+                    if (alarm is not None and alarm.fired) or not _stale(exc):
                         raise
                     # See _STALE: once more, on a fresh connection.
                     return _head(http.send(request, stream=True))

@@ -128,3 +128,22 @@ async def test_redirect_is_a_typed_error_not_a_success(make_driver: Any, status:
     assert "elsewhere.example/api/chat" in str(info.value)
     assert "s3cret" not in str(info.value)
     assert isinstance(error, ProtocolError) and error.status_code == status
+
+
+async def test_garbled_reply_is_sent_once_per_attempt(make_driver: Any) -> None:
+    """A reply that is not HTTP at all is retried by the policy, one request per attempt; only
+    a connection the server closed without a word is re-sent for free (a stale keep-alive)."""
+
+    def respond(method: str, path: str) -> bytes:
+        if path.startswith("/api/tags"):
+            return http_reply(200, b'{"models": []}')
+        return b"GARBAGE NOT HTTP\r\n\r\n"
+
+    with HostileServer(respond) as server:
+        endpoint = Endpoint(server.url, kind="ollama", models={"m": "m"})
+        async with make_driver([endpoint]) as d:
+            with pytest.raises(SharedOllamaError) as info:
+                await d.call("chat", model="m", messages=MESSAGES)
+        sent = [p for _, p in server.requests if p == "/api/chat"]
+    assert info.value.attempts == 3, repr(info.value)
+    assert len(sent) == 3, sent
