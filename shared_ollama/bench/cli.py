@@ -1,8 +1,9 @@
 """``python -m shared_ollama.bench [run|compare|report]``: flags, scenario merge, exit codes.
 
 ``run`` (the default) validates the scenario, runs it with a progress bar, Ctrl-C stopping
-cleanly, and writes JSON, CSV and HTML. Exit codes: 0 ok, 1 regression, 2 bad input, 130
-interrupted (results still written).
+cleanly, and writes JSON, CSV and HTML. Exit codes: 0 ok, 1 regression, 2 bad input, 3 the
+warm-up got no answer (each endpoint's health and last error printed), 130 interrupted
+(results still written).
 """
 
 from __future__ import annotations
@@ -363,9 +364,15 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     except (ScenarioError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
+    from .session import WarmupFailed
+
     progress = None if args.quiet else _Progress(console)
-    with progress or contextlib.nullcontext():
-        result = asyncio.run(_run_async(scenario, progress, console))
+    try:
+        with progress or contextlib.nullcontext():
+            result = asyncio.run(_run_async(scenario, progress, console))
+    except WarmupFailed as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 3
     print_summary(result, console)
     _write(result, _out_dir(scenario), scenario.html, console)
     return 130 if result.metadata.interrupted else 0

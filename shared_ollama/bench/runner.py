@@ -150,11 +150,12 @@ class Runner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- phases -----------------------------------------------------------------------
-    async def warmup(self, requests: int, concurrency: int = 1) -> None:
+    async def warmup(self, requests: int, concurrency: int = 1) -> PhaseRun | None:
         """Send ``requests`` calls that no result includes (connections, model loads)."""
-        if requests > 0:
-            plan = PhasePlan(WARMUP, ClosedLoop(min(concurrency, requests)), Stop(requests))
-            await self.run(plan)
+        if requests <= 0:
+            return None
+        plan = PhasePlan(WARMUP, ClosedLoop(min(concurrency, requests)), Stop(requests))
+        return await self.run(plan)
 
     async def run(self, plan: PhasePlan) -> PhaseRun:
         """Run one phase to its stop rule (or ``stop()``) and collect its requests."""

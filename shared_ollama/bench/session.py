@@ -13,6 +13,7 @@ import logging
 import platform
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
@@ -36,7 +37,29 @@ from .scheduler import ClosedLoop, OpenLoop, PhasePlan, achieved_rate, sweep_rat
 from .simulate import SIM_MODEL, simulated_pool
 from .workload import WorkloadMix
 
-__all__ = ["RecordSink", "run_scenario"]
+__all__ = ["RecordSink", "WarmupFailed", "run_scenario"]
+
+
+class WarmupFailed(RuntimeError):
+    """No warm-up request got an answer: the pool is not serving. The message names each
+    endpoint's health, breaker and last error, and what the warm-up requests ended with."""
+
+
+def _warmup_report(run: PhaseRun, client: SharedClient) -> str:
+    ends = Counter(r.error_type or r.outcome for r in run.requests)
+    lines = [
+        f"warm-up: none of {len(run.requests)} requests got an answer ("
+        + ", ".join(f"{name} x{count}" for name, count in ends.most_common())
+        + "); not benchmarking a pool that does not serve"
+    ]
+    for st in client.pool_status():
+        why = f", last error: {st.last_error}" if st.last_error else ""
+        lines.append(
+            f"  {st.name} ({st.kind}): health {st.health}, breaker {st.breaker}, "
+            f"{st.failures} failures in {st.calls} calls{why}"
+        )
+    return "\n".join(lines)
+
 
 log = logging.getLogger("shared_ollama.bench")
 
@@ -145,7 +168,10 @@ async def _run_sweep(runner: Runner, spec: SweepSpec) -> list[PhaseRun]:
     top = PhasePlan(f"sweep-max(c={spec.max_concurrency})", ClosedLoop(spec.max_concurrency), stop)
 
     def rate_of(run: PhaseRun) -> float:
-        return metrics.summarize(run.requests).request_throughput
+        # The same definition as the phase's reported throughput (over the phase's duration,
+        # not the requests' span), so the planned rates lie between the two reported ends.
+        duration = (run.t_end_ns - run.t_start_ns) / 1e9
+        return metrics.summarize(run.requests, duration_s=duration).request_throughput
 
     def make(lo: float, hi: float) -> list[PhasePlan]:
         return [
@@ -269,7 +295,10 @@ async def _run(
         if on_runner is not None:
             on_runner(runner)
         try:
-            await runner.warmup(scenario.warmup.requests, scenario.warmup.concurrency)
+            warm = await runner.warmup(scenario.warmup.requests, scenario.warmup.concurrency)
+            answered = warm is None or any(r.outcome == "ok" for r in warm.requests)
+            if warm is not None and not answered and not runner.stopping:
+                raise WarmupFailed(_warmup_report(warm, client))
             with _quiet_gc():
                 runs = await _run_phases(runner, scenario, samplers)
         finally:

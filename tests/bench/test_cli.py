@@ -220,3 +220,25 @@ def test_ctrl_c_stops_cleanly_and_writes_results(tmp_path: Path) -> None:
     assert result.metadata.interrupted
     assert result.phases[0].name == "c=1" and result.phases[0].summary.completed == 3
     assert (out / "requests.csv").exists()
+
+
+def test_dead_endpoint_ends_the_run_after_the_warm_up_with_its_health(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bench against an endpoint that refuses connections does not sit at "warm-up
+    started": every warm-up request fails, and the run ends (exit 3) naming the endpoint's
+    health, breaker and last error instead of benchmarking nothing."""
+    import socket
+
+    with socket.socket() as sock:  # bound, never listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        code = main(["run", "--endpoint", f"{url},ollama", "--model", "m", "--warmup", "1",
+                     "--requests", "2", "--no-samplers", "--no-html", "--quiet",
+                     "--out", str(tmp_path / "out")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 3, out
+    # The start-up probe found it down: the request waited no_endpoint_s (10 s), not 600 s.
+    assert "warm-up: none of 1 requests got an answer (NoEndpointAvailable x1)" in out
+    assert "health down" in out and "last error: cannot connect" in out
+    assert not (tmp_path / "out" / "result.json").exists()
