@@ -109,6 +109,10 @@ class _Writer:
         self.conn = conn
         self.lock = lock
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        #: Wakes the writer before its timer: a full batch, a flush or a stop.
+        self.nudge = threading.Event()
+        #: Times the writer woke up (its timer or a nudge), for diagnostics and tests.
+        self.turns = 0
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.epoch_offset_ns = epoch_offset_ns
@@ -120,34 +124,32 @@ class _Writer:
         self.stop_lock = threading.Lock()
 
     def _run(self) -> None:
-        pending: list[CallRecord] = []
-        deadline = 0.0
+        # The writer wakes on its own timer (every flush_interval_s) or when nudged (a full
+        # batch, a flush, a stop), never once per record: a put that woke a blocked get()
+        # handed the GIL to this thread on every call. A record waits at most one interval
+        # (plus the write) before it is committed: the crash-loss window is unchanged.
         while True:
-            timeout = max(0.0, deadline - time.monotonic()) if pending else None
-            try:
-                item = self.queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None  # the oldest pending record waited flush_interval_s
+            self.nudge.wait(self.flush_interval_s)
+            self.nudge.clear()  # before draining: a later nudge is kept for the next turn
+            self.turns += 1
+            batch: list[CallRecord] = []
             markers: list[object] = []
-            while item is not None:
-                if isinstance(item, CallRecord):
-                    if not pending:
-                        deadline = time.monotonic() + self.flush_interval_s
-                    pending.append(item)
-                else:
-                    markers.append(item)
-                    break  # a flush/stop: write now, do not read past it
-                if len(pending) >= self.batch_size:
-                    break
+            while True:
                 try:
                     item = self.queue.get_nowait()
                 except queue.Empty:
-                    item = None
-            if pending and (
-                markers or len(pending) >= self.batch_size or time.monotonic() >= deadline
-            ):
-                self._write(pending)
-                pending = []
+                    break
+                if isinstance(item, CallRecord):
+                    batch.append(item)
+                    if len(batch) >= self.batch_size:
+                        self._write(batch)
+                        batch = []
+                else:
+                    markers.append(item)
+                    if item is _STOP:
+                        break  # nothing is submitted after a stop
+            if batch:
+                self._write(batch)
             for marker in markers:
                 if isinstance(marker, _Flush):
                     marker.done.set()
@@ -197,6 +199,7 @@ class _Writer:
                 return
             self.stopped = True
         self.queue.put(_STOP)
+        self.nudge.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join()
         if not self.in_memory:  # an in-memory ledger stays readable until collected
@@ -306,6 +309,9 @@ class Ledger:
                 log.warning("usage ledger %s is closed; records are dropped", self._path)
             return
         writer.queue.put(record)
+        # Set once per full batch (is_set is a plain read): Event.set takes a lock each time.
+        if writer.queue.qsize() >= writer.batch_size and not writer.nudge.is_set():
+            writer.nudge.set()
 
     __call__ = submit
 
@@ -320,6 +326,7 @@ class Ledger:
             return True
         marker = _Flush()
         writer.queue.put(marker)
+        writer.nudge.set()
         return marker.done.wait(timeout)
 
     def close(self) -> None:
