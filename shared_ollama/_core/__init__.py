@@ -3,7 +3,7 @@
 The sync and async drivers in ``client.py`` only send, stream, sleep and lock around it.
 """
 
-from .decoders import NDJSONDecoder, SSEDecoder, SSEEvent
+from ..protocols.decoders import NDJSONDecoder, SSEDecoder, SSEEvent
 from .status import error_for_response, parse_retry_after
 
 __all__ = [

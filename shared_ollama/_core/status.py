@@ -5,11 +5,11 @@ Pure: the codec supplies the server's message and what counts as overload; no I/
 
 from __future__ import annotations
 
+import calendar
 import email.utils
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
 from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import (
@@ -132,6 +132,13 @@ def _retry_after(headers: Mapping[str, str], now_epoch: float) -> float | None:
     return parse_retry_after(headers.get("retry-after"), now_epoch)
 
 
+def _real_date(year: int, month: int, day: int, hour: int, minute: int, second: int) -> bool:
+    # parsedate_tz takes "99 Nov" as it comes; a date that does not exist is no date.
+    if not (1 <= month <= 12 and 0 <= hour <= 23 and 0 <= minute <= 59 and 0 <= second <= 60):
+        return False
+    return 1 <= day <= calendar.monthrange(year, month)[1]
+
+
 def parse_retry_after(
     value: str | None, now_epoch: float, *, http_date: bool = True
 ) -> float | None:
@@ -154,13 +161,15 @@ def parse_retry_after(
     except ValueError:
         if not http_date:
             return None
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
+        parsed = email.utils.parsedate_tz(text)
+        if parsed is None or not _real_date(*parsed[:6]):
             return None
-        if when.tzinfo is None:  # RFC 9110 dates are GMT; naive means the zone was "-0000"
-            when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - now_epoch
+        # RFC 9110 dates are GMT; no zone at all ("-0000") means GMT too, not local time.
+        offset = parsed[9] if parsed[9] is not None else 0
+        try:
+            seconds = email.utils.mktime_tz((*parsed[:9], offset)) - now_epoch
+        except (OverflowError, ValueError):
+            return None
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)

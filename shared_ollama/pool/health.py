@@ -10,9 +10,9 @@ import json
 import random
 from dataclasses import dataclass
 
-from .._core.decoders import JSON_ERRORS
 from ..config import HealthPolicy
 from ..protocols import WireRequest, WireResponse
+from ..protocols.decoders import JSON_ERRORS
 
 __all__ = ["AUTO_PROBES", "AutoProbe", "detect_kind", "next_probe_delay"]
 

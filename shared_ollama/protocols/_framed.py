@@ -10,8 +10,8 @@ from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from .._core.decoders import PendingError
 from .base import Piece, StreamParser
+from .decoders import PendingError
 
 __all__ = ["FramedStream"]
 

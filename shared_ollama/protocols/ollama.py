@@ -8,19 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Final, Literal
 
-from .._core.decoders import (
-    NDJSONDecoder,
-    decode_json,
-    error_text,
-    expect_dict,
-    float_list,
-    opt_bool,
-    opt_dict,
-    opt_int,
-    opt_list,
-    opt_str,
-    stream_error,
-)
 from ..errors import ProtocolError
 from ..types import Message
 from ._framed import FramedStream
@@ -35,6 +22,19 @@ from .base import (
     StreamParser,
     WireRequest,
     WireResponse,
+)
+from .decoders import (
+    NDJSONDecoder,
+    decode_json,
+    error_text,
+    expect_dict,
+    float_list,
+    opt_bool,
+    opt_dict,
+    opt_int,
+    opt_list,
+    opt_str,
+    stream_error,
 )
 
 __all__ = ["OllamaCodec"]

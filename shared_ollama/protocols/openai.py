@@ -26,22 +26,6 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Final, Literal
 
-from .._core.decoders import (
-    JSON_ERRORS,
-    SSEDecoder,
-    SSEEvent,
-    decode_json,
-    error_text,
-    excerpt,
-    expect_dict,
-    float_list,
-    opt_dict,
-    opt_int,
-    opt_list,
-    opt_number,
-    opt_str,
-    stream_error,
-)
 from ..errors import InvalidRequest, ProtocolError
 from ..types import Message
 from ._framed import FramedStream
@@ -56,6 +40,22 @@ from .base import (
     StreamParser,
     WireRequest,
     WireResponse,
+)
+from .decoders import (
+    JSON_ERRORS,
+    SSEDecoder,
+    SSEEvent,
+    decode_json,
+    error_text,
+    excerpt,
+    expect_dict,
+    float_list,
+    opt_dict,
+    opt_int,
+    opt_list,
+    opt_number,
+    opt_str,
+    stream_error,
 )
 
 __all__ = [

@@ -26,20 +26,6 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Final, Literal
 
-from .._core.decoders import (
-    JSON_ERRORS,
-    SSEDecoder,
-    SSEEvent,
-    decode_json,
-    error_text,
-    excerpt,
-    expect_dict,
-    opt_bool,
-    opt_dict,
-    opt_int,
-    opt_str,
-    stream_error,
-)
 from ..errors import InvalidRequest, ProtocolError
 from ._framed import FramedStream
 from .base import (
@@ -53,6 +39,20 @@ from .base import (
     StreamParser,
     WireRequest,
     WireResponse,
+)
+from .decoders import (
+    JSON_ERRORS,
+    SSEDecoder,
+    SSEEvent,
+    decode_json,
+    error_text,
+    excerpt,
+    expect_dict,
+    opt_bool,
+    opt_dict,
+    opt_int,
+    opt_str,
+    stream_error,
 )
 from .openai import OpenAIStream, chat_body, parse_completion, translate_options
 

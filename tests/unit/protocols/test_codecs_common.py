@@ -11,7 +11,6 @@ from typing import Any, get_args
 import pytest
 
 import shared_ollama.protocols as protocols
-from shared_ollama._core.decoders import SSEDecoder
 from shared_ollama.errors import ConfigError, ProtocolError, ServerError
 from shared_ollama.protocols import (
     Codec,
@@ -21,6 +20,7 @@ from shared_ollama.protocols import (
     WireResponse,
     codec_for,
 )
+from shared_ollama.protocols.decoders import SSEDecoder
 from shared_ollama.types import Operation
 
 from . import payloads as P
