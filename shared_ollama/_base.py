@@ -61,7 +61,7 @@ def _endpoint(e: EndpointLike) -> Endpoint:
         return e
     if isinstance(e, str):
         return Endpoint(e)
-    return Endpoint.model_validate(dict(e))
+    return Endpoint(**dict(e))
 
 
 class _RequestIds:
@@ -117,6 +117,8 @@ class BaseClient(Generic[TransportT]):
         if endpoints is not None:
             try:
                 updates["endpoints"] = [_endpoint(e) for e in endpoints]
+            except ConfigError:
+                raise
             except ValueError as exc:  # pydantic's ValidationError is a ValueError
                 raise ConfigError(f"invalid endpoint: {_first_error(exc)}") from None
         for key, value in (

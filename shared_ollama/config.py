@@ -59,18 +59,28 @@ class Endpoint(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
 
     def __init__(self, url: str | None = None, /, **data: Any) -> None:
+        """``Endpoint(url, kind=..., ...)``; a bad value is a ``ConfigError`` that never echoes
+        the input (a url may carry a password, a field an api_key)."""
         if url is not None:
             data["url"] = url
-        super().__init__(**data)
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid endpoint: {_short(exc)}") from None
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, v: str) -> str:
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"endpoint url must be http(s)://host[:port], got {v!r}")
+            # Not echoed: a malformed url may still carry a password.
+            raise ValueError("endpoint url must be http(s)://host[:port]")
         if parts.username or parts.password:
             raise ValueError("put credentials in api_key, not in the url")
+        if parts.query or parts.fragment:
+            # A key in ?api_key= would be shown wherever the url is (status, errors, spans).
+            raise ValueError("no query string in an endpoint url: keys go in api_key, "
+                             "anything else in headers")  # fmt: skip
         return v.rstrip("/")
 
     @field_validator("models", mode="before")
@@ -267,5 +277,6 @@ def load_config(
 def _short(exc: ValidationError) -> str:
     # Never echo input values: an api_key may be among them.
     return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors(include_input=False)
     )

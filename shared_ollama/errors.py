@@ -212,8 +212,12 @@ class BudgetExceeded(SharedOllamaError):
         self.resets_in = resets_in
 
 
-class ConfigError(SharedOllamaError):
-    """The configuration is invalid."""
+class ConfigError(SharedOllamaError, ValueError):
+    """The configuration is invalid.
+
+    Also a ``ValueError``, so that pydantic reports one raised while it builds a nested
+    ``Endpoint`` (a pool file, a bench scenario) as a validation error at that place.
+    """
 
 
 class ClientClosed(SharedOllamaError):

@@ -125,7 +125,7 @@ def request_headers(
 
 def _error(codec: Codec, reply: WireResponse, ep: EndpointState, plan: CallPlan | None,
            now_epoch: float = 0.0) -> SharedOllamaError:  # fmt: skip
-    return error_for_response(
+    error = error_for_response(
         codec,
         reply,
         endpoint=ep.url,
@@ -134,6 +134,13 @@ def _error(codec: Codec, reply: WireResponse, ep: EndpointState, plan: CallPlan 
         request_id=plan.record.request_id if plan else None,
         now_epoch=now_epoch,
     )
+    # A server that echoes the credentials it refused ("invalid key sk-...") must not put
+    # them into the exception, the call's record or the endpoint's status.
+    key = ep.config.api_key
+    secret = key.get_secret_value() if key is not None else ""
+    if secret and error.server_message and secret in error.server_message:
+        error.server_message = error.server_message.replace(secret, "***")
+    return error
 
 
 def _send(plan: CallPlan, ep: EndpointState, wire: WireRequest,

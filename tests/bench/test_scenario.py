@@ -129,8 +129,8 @@ def test_pool_errors_never_echo_values() -> None:
     bad = {"model": "m", "pool": {"endpoints": [{"url": "ftp://x", "api_key": "sk-secret"}]}}
     with pytest.raises(ScenarioError) as info:
         validate_scenario(bad)
-    assert "pool.endpoints.0.url" in str(info.value)
-    assert "sk-secret" not in str(info.value)
+    assert "pool.endpoints.0" in str(info.value) and "url" in str(info.value)
+    assert "sk-secret" not in str(info.value) and "ftp://x" not in str(info.value)
 
 
 def test_file_errors(tmp_path: Path) -> None:

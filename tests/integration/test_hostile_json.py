@@ -147,3 +147,56 @@ async def test_garbled_reply_is_sent_once_per_attempt(make_driver: Any) -> None:
         sent = [p for _, p in server.requests if p == "/api/chat"]
     assert info.value.attempts == 3, repr(info.value)
     assert len(sent) == 3, sent
+
+
+async def test_a_server_echoing_the_key_does_not_leak_it(make_driver: Any) -> None:
+    key = "sk-echoed-secret-4711"
+    records: list[CallRecord] = []
+
+    def respond(method: str, path: str) -> bytes:
+        if path.startswith("/v1/models"):
+            return http_reply(200, b'{"object": "list", "data": []}')
+        body = b'{"error": {"message": "Incorrect API key provided: ' + key.encode() + b'"}}'
+        return http_reply(401, body)
+
+    with HostileServer(respond) as server:
+        endpoint = Endpoint(server.url, kind="openai", api_key=key, models={"m": "m"})
+        async with make_driver([endpoint], listeners=[records.append]) as d:
+            with pytest.raises(SharedOllamaError) as info:
+                await d.call("chat", model="m", messages=MESSAGES)
+            status = d.client.pool_status()
+    assert "Incorrect API key provided: ***" in str(info.value)
+    shown = [str(info.value), repr(info.value), str(info.value.server_message)]
+    shown += [str(r.error_message) for r in records] + [repr(s) for s in status]
+    assert all(key not in text for text in shown), shown
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://user:hunter2@gpu-a:11434", "credentials in api_key"),
+        ("http://gpu-a:11434/?api_key=hunter2", "no query string"),
+        ("gpu-a:11434", "http(s)://host"),
+    ],
+)
+def test_a_bad_endpoint_is_a_config_error_that_never_echoes_it(url: str, why: str) -> None:
+    from shared_ollama import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        Endpoint(url)
+    assert why in str(info.value)
+    assert "hunter2" not in str(info.value) and "hunter2" not in repr(info.value)
+
+
+def test_the_status_cli_answers_a_bad_endpoint_with_one_line() -> None:
+    import subprocess
+    import sys
+
+    for url in ("gpu-a:11434", "http://user:hunter2@gpu-a:11434"):
+        done = subprocess.run(
+            [sys.executable, "-m", "shared_ollama", "status", "--endpoint", url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: invalid endpoint: url:"), done.stderr
+        assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
