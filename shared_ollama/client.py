@@ -297,6 +297,9 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             value, error = None, None
+            if op is NOW:  # the clock inline: no coroutine per reading (several per chunk)
+                value = time.monotonic(), time.monotonic_ns()
+                continue
             try:
                 value = await self._perform(op)
             except BaseException as exc:  # thrown into the steps: their cleanup runs
@@ -315,7 +318,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             raise _closed_error(op)
         task = asyncio.current_task()
         assert task is not None
-        self._performing[task] = self._performing.get(task, 0) + 1
+        performing = self._performing
+        performing[task] = performing.get(task, 0) + 1
         try:
             return await self._perform_io(op)
         except asyncio.CancelledError:
@@ -330,10 +334,10 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                 raise _closed_error(op) from exc
             raise
         finally:
-            if self._performing[task] == 1:
-                del self._performing[task]
+            if performing[task] == 1:
+                del performing[task]
             else:
-                self._performing[task] -= 1
+                performing[task] -= 1
 
     async def _perform_io(self, op: Send | Read) -> Any:
         limit, total = _limit(op)
