@@ -48,19 +48,49 @@ def _check_model(model: str) -> str:
     return model
 
 
+# Ollama's options whose type every engine agrees on; anything else passes through as given
+# (engine-specific knobs such as vLLM's ``ignore_eos``). A wrong type is caught here, the
+# same way for every endpoint, instead of being refused by some servers and ignored by others.
+_INT_OPTIONS = frozenset(
+    {"num_predict", "num_ctx", "top_k", "seed", "num_keep", "repeat_last_n", "num_batch",
+     "num_gpu", "main_gpu", "num_thread", "mirostat", "min_tokens"}
+)  # fmt: skip
+_FLOAT_OPTIONS = frozenset(
+    {"temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+     "frequency_penalty", "tfs_z", "mirostat_tau", "mirostat_eta"}
+)  # fmt: skip
+
+
 def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     if options is None:
         return {}
     if not isinstance(options, Mapping):
         raise InvalidRequest(f"options must be a mapping, got {type(options).__name__}")
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in _INT_OPTIONS and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequest(f"options[{key!r}] must be an integer, got {type(value).__name__}")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key in _FLOAT_OPTIONS and not number:
+            raise InvalidRequest(f"options[{key!r}] must be a number, got {type(value).__name__}")
+        stops_ok = isinstance(value, str) or (
+            isinstance(value, Sequence) and all(isinstance(s, str) for s in value)
+        )
+        if key == "stop" and not stops_ok:
+            raise InvalidRequest("options['stop'] must be a string or a list of strings")
     return dict(options)
 
 
 def _messages(messages: Sequence[MessageLike] | None) -> list[Message]:
     if messages is None:
-        return []
+        messages = []
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise InvalidRequest("messages must be a list of {'role': ..., 'content': ...}")
+    if not messages:
+        # Engines disagree (Ollama answers "", OpenAI-compatible ones make up a reply): the
+        # same typed answer wherever the router would have sent it.
+        raise InvalidRequest("messages is empty: a chat needs at least one message")
     out: list[Message] = []
     for i, m in enumerate(messages):
         if isinstance(m, Message):
@@ -68,6 +98,9 @@ def _messages(messages: Sequence[MessageLike] | None) -> list[Message]:
             continue
         if not isinstance(m, Mapping):
             raise InvalidRequest(f"messages[{i}] must be a mapping or Message")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequest(f"messages[{i}] has no role ('system', 'user', 'assistant'...)")
         try:
             out.append(Message.model_validate(dict(m)))
         except ValidationError as exc:
