@@ -141,6 +141,9 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
+        #: Every alarm not yet disarmed (``ring_all`` rings them, deadline or not).
+        self._armed: set[Alarm] = set()
+        #: Alarms with a deadline, soonest first; disarmed ones are dropped lazily.
         self._heap: list[tuple[float, int, Alarm]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -153,6 +156,9 @@ class Watchdog:
         due = math.inf if seconds is None else time.monotonic() + max(0.0, seconds)
         alarm = Alarm(due, slot)
         with self._cond:
+            self._armed.add(alarm)
+            if due == math.inf:  # no deadline: only a close rings it, the thread never waits
+                return alarm
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(
                     target=self._run, name="shared_ollama-watchdog", daemon=True
@@ -167,13 +173,19 @@ class Watchdog:
         """The operation ended; under the lock, so a ringing alarm cannot kill a later one."""
         with self._cond:
             alarm.done = True
+            self._armed.discard(alarm)
+            # Disarmed alarms leave the heap when they reach its top; with long deadlines
+            # and many calls they would pile up, so rebuild it once they are most of it.
+            if len(self._heap) > 64 and len(self._heap) > 2 * len(self._armed):
+                self._heap = [entry for entry in self._heap if not entry[2].done]
+                heapq.heapify(self._heap)
 
     def ring_all(self) -> set[int]:
         """Ring every armed alarm now (the client is closing); the threads they belonged to."""
         with self._cond:
             threads = set()
-            for _, _, alarm in self._heap:
-                if not alarm.done and not alarm.fired:
+            for alarm in self._armed:
+                if not alarm.fired:
                     alarm.fired = True
                     threads.add(alarm.thread)
                     if alarm.slot.stream is not None:

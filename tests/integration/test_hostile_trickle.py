@@ -8,6 +8,7 @@ phase's deadline, and ``total_s`` binds when it is the nearer one.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -88,3 +89,66 @@ async def test_trickle_ends_at_the_total_deadline_when_nearer(make_driver: Any, 
     assert isinstance(error, Timeout), repr(error)
     assert error.phase == "total", repr(error)
     assert elapsed < 10, elapsed
+
+
+def test_an_operation_without_deadline_never_stops_the_watchdog() -> None:
+    """A send or read with no deadline (timeouts set to None) is armed only for a close: it
+    never enters the deadline heap, whose thread could not wait an infinite time (an
+    ``OverflowError`` once killed it, and no later deadline rang)."""
+    from shared_ollama._watchdog import Watchdog
+
+    dog = Watchdog()
+    forever = dog.arm(None)
+    assert dog._heap == [] and dog._thread is None
+    soon = dog.arm(60.0)
+    assert [entry[2] for entry in dog._heap] == [soon]
+    assert dog.ring_all() == {threading.get_ident()}
+    assert forever.fired and soon.fired
+    dog.disarm(forever)
+    dog.disarm(soon)
+    dog.close()
+
+
+def test_disarmed_alarms_do_not_pile_up() -> None:
+    from shared_ollama._watchdog import Watchdog
+
+    dog = Watchdog()
+    for _ in range(10_000):  # calls that ended long before their 120 s deadline
+        dog.disarm(dog.arm(120.0))
+    assert len(dog._heap) <= 64 + 1
+    dog.close()
+
+
+def test_sync_deadline_holds_after_a_call_without_deadline() -> None:
+    """The same client: a call with no deadline at all (armed for a close only), then one with
+    ``timeout=1.5`` against a trickling server, which still ends in ``Timeout`` in time."""
+    from shared_ollama import HealthPolicy, SyncSharedClient, UsageConfig
+
+    calls = {"n": 0}
+
+    def respond(method: str, path: str) -> bytes | Iterator[bytes]:
+        if path.startswith("/api/") and method == "GET":
+            return LISTING
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(0.3)  # the server's own pacing: the first call is in flight a while
+            return head(len(BODY)) + BODY
+        return trickle(BODY, prefix=head(len(BODY)))
+
+    none = Timeouts(connect_s=2, first_chunk_s=None, between_chunks_s=None, total_s=None)
+    with HostileServer(respond) as server:
+        endpoint = Endpoint(server.url, kind="ollama", models={"m": "m"})
+        settings = {
+            "timeouts": none,
+            "retry": RetryPolicy(max_attempts=1),
+            "health": HealthPolicy(enabled=False),
+            "usage": UsageConfig(enabled=False),
+        }
+        with SyncSharedClient(endpoints=[endpoint], **settings) as c:  # type: ignore[arg-type]
+            assert c.chat(model="m", messages=[{"role": "user", "content": "hi"}]).message.content
+            started = time.monotonic()
+            with pytest.raises(Timeout) as info:
+                c.chat(model="m", messages=[{"role": "user", "content": "hi"}], timeout=1.5)
+            elapsed = time.monotonic() - started
+    assert info.value.phase == "total"
+    assert elapsed < 5 * 1.5, elapsed
