@@ -240,6 +240,10 @@ class BaseClient(Generic[TransportT]):
     def _call_finished(self) -> None:
         """A call's record went out (the drivers wake a closing client)."""
 
+    def _calls_of(self, owners: set[Any]) -> set[CallPlan]:
+        """The open calls run by ``owners`` (tasks or threads a close has just cut off)."""
+        return {plan for plan, (_, owner) in list(self._calls.items()) if owner in owners}
+
     def _finish_abandoned(self) -> None:
         """At close: calls no driver will finish now (a stream the caller stopped reading, a
         call between two sends) get their record here, ``ClientClosed``, exactly once."""

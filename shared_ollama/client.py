@@ -269,7 +269,7 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         for task in victims:
             self._close_cancelled.add(task)
             task.cancel(_CLOSING)
-        waiting = {plan for plan, (_, owner) in self._calls.items() if owner in victims}
+        waiting = self._calls_of(victims)
         self._recorded = asyncio.Event()
         loop = asyncio.get_running_loop()
         until = loop.time() + _CLOSE_WAIT_S
@@ -675,9 +675,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         if self._closed or self._closing:
             return
         self._closing = True
-        victims = self._watchdog.ring_all()
-        calls = list(self._calls.items())
-        waiting = {plan for plan, (_, owner) in calls if owner in victims}
+        waiting = self._calls_of(self._watchdog.ring_all())
         with self._recorded:
             self._recorded.wait_for(
                 lambda: not waiting.intersection(list(self._calls)), timeout=_CLOSE_WAIT_S

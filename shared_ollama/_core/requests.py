@@ -69,15 +69,18 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     for key, value in options.items():
         if value is None:
             continue
-        if key in _INT_OPTIONS and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InvalidRequest(f"options[{key!r}] must be an integer, got {type(value).__name__}")
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if key in _FLOAT_OPTIONS and not number:
-            raise InvalidRequest(f"options[{key!r}] must be a number, got {type(value).__name__}")
-        stops_ok = isinstance(value, str) or (
-            isinstance(value, Sequence) and all(isinstance(s, str) for s in value)
-        )
-        if key == "stop" and not stops_ok:
+        if key in _INT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                kind = type(value).__name__
+                raise InvalidRequest(f"options[{key!r}] must be an integer, got {kind}")
+        elif key in _FLOAT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                kind = type(value).__name__
+                raise InvalidRequest(f"options[{key!r}] must be a number, got {kind}")
+        elif key == "stop" and not (
+            isinstance(value, str)
+            or (isinstance(value, Sequence) and all(isinstance(s, str) for s in value))
+        ):
             raise InvalidRequest("options['stop'] must be a string or a list of strings")
     return dict(options)
 

@@ -158,9 +158,15 @@ def _read(plan: CallPlan, head: Head, ep: EndpointState, *, whole: bool,
     if not whole:
         ends = None if limit is None or phase_started is None else phase_started + limit
         return Read(head, ep, phase, limit, plan.deadline, whole, plan.model, phase_deadline=ends)
-    failed = not is_answer(head.status)
-    size = plan.limits.max_error_bytes if failed else plan.limits.max_response_bytes
+    size, failed = _body_bound(plan.limits, head)
     return Read(head, ep, phase, limit, plan.deadline, whole, plan.model, size, failed)
+
+
+def _body_bound(limits: Limits, head: Head) -> tuple[int, bool]:
+    """(largest body to read, whether to truncate rather than fail): an error body is only a
+    message, read up to ``max_error_bytes``; an answer fails past ``max_response_bytes``."""
+    failed = not is_answer(head.status)
+    return (limits.max_error_bytes if failed else limits.max_response_bytes), failed
 
 
 def attempt(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:
@@ -285,9 +291,8 @@ def _simple(ep: EndpointState, wire: WireRequest, project: str,
             timeout: float) -> Steps[WireResponse]:  # fmt: skip
     headers = request_headers(ep.config, "probe", project, None)
     head: Head = yield Send(ep, wire, headers, timeout)
-    failed = not is_answer(head.status)
     # Probes and listings keep the default bounds (a model list is far below them).
-    size = _PROBE_LIMITS.max_error_bytes if failed else _PROBE_LIMITS.max_response_bytes
+    size, failed = _body_bound(_PROBE_LIMITS, head)
     try:
         body: bytes = yield Read(
             head, ep, "first_chunk", timeout, whole=True, max_bytes=size, truncate=failed
