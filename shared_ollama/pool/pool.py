@@ -28,7 +28,6 @@ _EVERYWHERE = frozenset({"show"})
 # Re-check interval when endpoints are only saturated (in-flight cap): a released slot
 # wakes the waiters at once (EndpointState.on_release); this only bounds a missed wake-up.
 _SATURATED_RECHECK_S = 1.0
-_SATURATED = "saturated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +106,7 @@ class Pool:
                 or operation in ep.codec.operations
                 or operation in _EVERYWHERE
             )
-            why, wait = self._ineligible(ep, model, operation, now)
+            why, wait, capped = self._ineligible(ep, model, operation, now)
             if why is None:
                 served = ep.served_name(model)
                 assert served is not None
@@ -118,7 +117,7 @@ class Pool:
             if wait is not None:
                 known = True
                 waits.append(wait)
-                saturated = saturated and why.startswith(_SATURATED)
+                saturated = saturated and capped
         if eligible:
             fresh = [(ep, s) for ep, s in eligible if ep.url not in avoid] or eligible
             served_by = {id(ep): s for ep, s in fresh}
@@ -129,27 +128,28 @@ class Pool:
 
     def _ineligible(
         self, ep: EndpointState, model: str, operation: str, now: float
-    ) -> tuple[str | None, float | None]:
-        """(why not, seconds until it may change) — (None, None) when eligible."""
+    ) -> tuple[str | None, float | None, bool]:
+        """(why not, seconds until it may change, whether only its in-flight cap stands in the
+        way) — (None, None, False) when eligible."""
         if ep.codec is None:
-            return f"protocol not detected yet ({ep.kind_error or 'probing'})", 1.0
+            return f"protocol not detected yet ({ep.kind_error or 'probing'})", 1.0, False
         if operation not in ep.codec.operations and operation not in _EVERYWHERE:
-            return f"{ep.kind} endpoints do not serve {operation}", None
+            return f"{ep.kind} endpoints do not serve {operation}", None, False
         if ep.served_name(model) is None:
-            return f"does not serve {model!r}", None
+            return f"does not serve {model!r}", None, False
         if ep.health == "down":
             interval = self.config.health.interval_s
-            return f"down ({ep.last_error or 'health probe failed'})", interval
+            return f"down ({ep.last_error or 'health probe failed'})", interval, False
         admits, why = ep.breaker.admits()
         if not admits:
-            return why, max(ep.breaker.seconds_until_probe(), _SATURATED_RECHECK_S)
+            return why, max(ep.breaker.seconds_until_probe(), _SATURATED_RECHECK_S), False
         if ep.backoff_until > now:
             wait = ep.backoff_until - now
-            return f"backing off {wait:.1f}s (server asked: Retry-After)", wait
+            return f"backing off {wait:.1f}s (server asked: Retry-After)", wait, False
         cap = ep.config.max_in_flight
         if cap is not None and ep.in_flight >= cap:
-            return f"{_SATURATED} ({ep.in_flight}/{cap} in flight)", _SATURATED_RECHECK_S
-        return None, None
+            return f"saturated ({ep.in_flight}/{cap} in flight)", _SATURATED_RECHECK_S, True
+        return None, None, False
 
     def by_url(self, url: str) -> EndpointState | None:
         """The endpoint with this URL."""
