@@ -11,11 +11,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any, Final, Generic, Literal, Self, TypeAlias, TypeVar
 
+from ._core import steps
 from ._core.plan import CallPlan, RetryBudget
+from ._core.requests import Op
+from ._core.steps import Steps
 from .config import (
     BreakerPolicy,
     Budget,
@@ -30,10 +33,10 @@ from .config import (
 )
 from .errors import ClientClosed, ConfigError, SharedOllamaError
 from .pool import EndpointStatus, Pool
-from .protocols import ListedModel
+from .protocols import ListedModel, Parsed, Piece
 from .records import CallListener, CallRecord
 from .telemetry import CallSpan, Telemetry
-from .types import ModelInfo, RunningModel
+from .types import ModelInfo, RunningModel, ShowResponse
 from .usage import UsageTracker
 
 __all__ = ["NOT_GIVEN", "BaseClient", "EndpointLike", "NotGiven"]
@@ -42,6 +45,7 @@ log = logging.getLogger("shared_ollama")
 
 EndpointLike: TypeAlias = Endpoint | str | Mapping[str, Any]
 TransportT = TypeVar("TransportT")
+T = TypeVar("T")
 
 
 class NotGiven(Enum):
@@ -232,6 +236,63 @@ class BaseClient(Generic[TransportT]):
         span.set_input(content)
         self._calls[plan] = (span, self._owner())
         return plan, span
+
+    # -- the call shapes: step generators that both drivers run -------------------------
+    def _calling(self, op: Op[T], project: str | None, timeout: float | NotGiven | None,
+                 tags: Mapping[str, str] | None) -> Steps[tuple[T, CallRecord]]:  # fmt: skip
+        """A routed non-stream call, accounted: its result and its finished record."""
+        plan, span = self._plan(op.operation, op.model, stream=False, project=project,
+                                timeout=timeout, tags=tags, content=op.content)  # fmt: skip
+        body = steps.call(plan, op, span.headers(), self.config.hedging)
+        result = yield from self._accounted(plan, span, body)
+        return result, plan.record
+
+    def _streaming(self, op: Op[Parsed], make: Callable[[CallRecord, Piece], Any],
+                   project: str | None, timeout: float | NotGiven | None,
+                   tags: Mapping[str, str] | None) -> Steps[None]:  # fmt: skip
+        """A routed stream, accounted: yields ``Deliver(chunk)`` for each chunk."""
+        plan, span = self._plan(op.operation, op.model, stream=True, project=project,
+                                timeout=timeout, tags=tags, content=op.content)  # fmt: skip
+        yield from self._accounted(plan, span, steps.stream(plan, op, span.headers(), make))
+
+    def _listing(self, operation: str,
+                 project: str | None) -> Steps[list[tuple[str, ListedModel]]]:  # fmt: skip
+        """``list``/``ps`` across the pool, accounted as one call."""
+        plan, span = self._plan(operation, None, stream=False, project=project,
+                                timeout=NOT_GIVEN, tags=None)  # fmt: skip
+        timeout = self.config.health.timeout_s
+        body = steps.fan_out(plan, self._pool.endpoints, operation, timeout)
+        return (yield from self._accounted(plan, span, body))
+
+    def _accounted(self, plan: CallPlan, span: CallSpan, body: Steps[T]) -> Steps[T]:
+        """Run ``body``; whatever ends it, the call's record goes out exactly once."""
+        error: BaseException | None = None
+        try:
+            return (yield from body)
+        except BaseException as exc:
+            error = self._annotate(plan, exc)
+            raise
+        finally:
+            self._finish(plan, span, error)
+
+    def _probe_steps(self) -> Steps[None]:
+        """Start-up: every endpoint probed at once, models discovered."""
+        health = self.config.health
+        endpoints = self._pool.endpoints
+        return steps.probe_all(endpoints, self.project, health.timeout_s, True, health.enabled)
+
+    def _health_steps(self) -> Steps[None]:
+        return steps.health_loop(self._pool.endpoints, self.project, self.config.health,
+                                 self._pool.rng)  # fmt: skip
+
+    @staticmethod
+    def _show_response(model: str, record: CallRecord, fields: dict[str, Any]) -> ShowResponse:
+        return ShowResponse(
+            model=model,
+            served_model=record.served_model or "",
+            endpoint=record.endpoint or "",
+            **fields,
+        )
 
     def _owner(self) -> object:
         """Who runs a call: its asyncio task, or its thread (see the drivers)."""

@@ -1,8 +1,10 @@
-"""``SharedClient`` (async) and ``SyncSharedClient``: thin drivers over the shared core.
+"""``SharedClient`` (async) and ``SyncSharedClient``: two small interpreters of the core.
 
-They only send, read, sleep and close: every decision (routing, classification, retry,
-breaker bookkeeping, parsing, accounting) is a step generator in ``_core.steps`` that both
-drivers run. Only this module knows whether the caller is sync or async.
+A call's whole lifecycle (routing, attempts, hedging, retries and their waits, deadlines,
+bounds, breaker bookkeeping, accounting) is a step generator in ``_core.steps``; each
+client here only performs the operations it yields: ``Send``/``Read``/``Close`` over httpx,
+``NOW``/``WALL``, ``Sleep``, ``Race``, ``Gather`` and, for streams, ``Deliver``. Only this
+module knows whether the caller is sync or async.
 """
 
 from __future__ import annotations
@@ -11,27 +13,35 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from functools import partial
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, overload
 
 import httpx
-from tenacity import AsyncRetrying, Retrying
 
 from ._base import NOT_GIVEN, BaseClient, NotGiven
-from ._core import steps
-from ._core.plan import CallPlan
-from ._core.requests import Op, chat_op, embed_op, generate_op, show_op
+from ._core.requests import chat_op, embed_op, generate_op, show_op
 from ._core.results import CHUNKS, RESPONSES
-from ._core.steps import NOW, WALL, Close, Head, IOOp, Opened, Read, Send, Steps
+from ._core.steps import (
+    NOW,
+    WALL,
+    Close,
+    Deliver,
+    Gather,
+    Head,
+    IOOp,
+    Race,
+    Read,
+    Send,
+    Sleep,
+    Steps,
+    StreamAbandoned,
+)
 from ._transport import client_kwargs, map_transport_error, to_httpx
 from ._watchdog import Alarm, Watchdog, watch_transport
-from .errors import ClientClosed, NoEndpointAvailable, ProtocolError, SharedOllamaError, Timeout
-from .pool import EndpointState, next_probe_delay
-from .protocols import ListedModel, Parsed, Piece
+from .errors import ClientClosed, ProtocolError, SharedOllamaError, Timeout
 from .types import (
     ChatChunk,
     ChatResponse,
@@ -45,10 +55,6 @@ from .types import (
 )
 
 __all__ = ["SharedClient", "SyncSharedClient"]
-
-T = TypeVar("T")
-C = TypeVar("C", ChatChunk, GenerateChunk)
-Make = Callable[[Any, Piece], C]
 
 
 # _STALE: "Server disconnected without sending a response" on a pooled keep-alive connection
@@ -112,10 +118,12 @@ _CLOSE_WAIT_S = 5.0
 _CLOSING = "shared_ollama: the client is closing"
 
 
-def _closed_error(op: Send | Read) -> ClientClosed:
-    return ClientClosed(
-        "the client was closed during the call", endpoint=op.endpoint.url, model=op.model
-    )
+def _closed_error(op: IOOp) -> ClientClosed:
+    if isinstance(op, Send | Read):
+        return ClientClosed(
+            "the client was closed during the call", endpoint=op.endpoint.url, model=op.model
+        )
+    return ClientClosed("the client was closed during the call")
 
 
 def _limit(op: Send | Read) -> tuple[float | None, bool]:
@@ -156,32 +164,15 @@ def _head(resp: httpx.Response) -> Head:
     return Head(resp.status_code, headers, _Reply(resp), time.monotonic_ns())
 
 
-def _merge(endpoints: Sequence[EndpointState], results: Sequence[Any],
-           operation: str) -> list[tuple[str, ListedModel]]:  # fmt: skip
-    """Concatenate per-endpoint listings; fail only when every endpoint failed."""
-    out: list[tuple[str, ListedModel]] = []
-    reasons: dict[str, str] = {}
-    for ep, res in zip(endpoints, results, strict=True):
-        if isinstance(res, SharedOllamaError):
-            reasons[ep.name] = res.message
-        elif isinstance(res, BaseException):
-            raise res
-        else:
-            out.extend(res)
-    if reasons and len(reasons) == len(endpoints):
-        raise NoEndpointAvailable(f"no endpoint answered {operation}", reasons=reasons)
-    return out
-
-
-def _drain(plan: CallPlan, opened: Opened, make: Make[C]) -> list[C]:
-    """Turn pending pieces into chunks; once handed out, the call is never retried."""
-    chunks = []
-    for piece in opened.pending:
-        chunks.append(make(plan.record, piece))
-        plan.delivered_chunk(piece.text)
-    opened.pending = []
-    opened.handed_out = bool(chunks)
-    return chunks
+def _gathered(results: Sequence[object]) -> list[object]:
+    """``Gather``'s answer: a ``SharedOllamaError`` stands in for its part; a close, or any
+    other error (cancellation, a bug), is raised."""
+    for result in results:
+        if isinstance(result, ClientClosed) or (
+            isinstance(result, BaseException) and not isinstance(result, SharedOllamaError)
+        ):
+            raise result
+    return list(results)
 
 
 # ======================================================================================
@@ -206,7 +197,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         self._slot_freed: asyncio.Future[None] | None = None
         for ep in self._pool.endpoints:
             ep.on_release = self._wake_slot_waiters
-        #: Tasks inside a send or read now (a count: hedges nest), and those close cancelled.
+        #: Tasks inside a send, read or sleep now (a count: hedges nest), and those close
+        #: cancelled.
         self._performing: dict[asyncio.Task[Any], int] = {}
         self._close_cancelled: set[asyncio.Task[Any]] = set()
         self._recorded: asyncio.Event | None = None
@@ -218,17 +210,6 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         freed, self._slot_freed = self._slot_freed, None
         if freed is not None and not freed.done():
             freed.set_result(None)
-
-    async def _sleep(self, plan: CallPlan, seconds: float) -> None:
-        """tenacity's sleep: a backoff sleeps; a wait for a slot ends at the next release."""
-        if not plan.slot_wait:
-            await asyncio.sleep(seconds)
-            return
-        if self._slot_freed is None:
-            self._slot_freed = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await asyncio.shield(self._slot_freed)
 
     def _call_finished(self) -> None:
         if self._recorded is not None:
@@ -251,15 +232,16 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         if self._started:
             return
         self._started = True
-        await self._probe_all(refresh_models=True)
+        await self._run(self._probe_steps())
         if self.config.health.enabled:
-            self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+            loop = asyncio.get_running_loop()
+            self._health_task = loop.create_task(self._run(self._health_steps()))
 
     async def aclose(self) -> None:
         """Stop probes, end calls in flight, close connections, flush the ledger (idempotent).
 
-        Calls inside a send or read are cancelled and raise ``ClientClosed``; every call still
-        open gets its record (``ClientClosed``) before the ledger is flushed and closed.
+        Calls inside a send, read or wait are cancelled and raise ``ClientClosed``; every call
+        still open gets its record (``ClientClosed``) before the ledger is flushed and closed.
         """
         if self._closed or self._closing:
             return
@@ -281,39 +263,60 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         self._closed = True
         if self._health_task is not None:
             self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, SharedOllamaError):
                 await self._health_task
         await asyncio.gather(*(c.aclose() for c in self._http.values()))
         # The ledger writer is a thread; flushing may wait on the disk: not on the loop.
         await self.usage.aclose()
 
-    # -- the driver: perform what the steps ask for ------------------------------------
-    async def _run(self, gen: Steps[T]) -> T:
-        value: Any = None
-        error: BaseException | None = None
+    # -- the interpreter ----------------------------------------------------------------
+    async def _run(
+        self, gen: Steps[Any], value: Any = None, error: BaseException | None = None
+    ) -> Any:
+        """Perform what ``gen`` yields until it returns (its value is returned) or yields a
+        ``Deliver`` (returned as is: ``_iterate`` hands its chunk over and resumes)."""
         while True:
             try:
-                op = gen.throw(error) if error is not None else gen.send(value)
+                op = gen.send(value) if error is None else gen.throw(error)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            value, error = None, None
-            if op is NOW:  # the clock inline: no coroutine per reading (several per chunk)
-                value = time.monotonic(), time.monotonic_ns()
+                return stop.value
+            if op is NOW:  # inline: several per chunk, no coroutine for each
+                value, error = (time.monotonic(), time.monotonic_ns()), None
                 continue
+            if type(op) is Deliver:
+                return op
             try:
-                value = await self._perform(op)
+                value, error = await self._perform(op), None
             except BaseException as exc:  # thrown into the steps: their cleanup runs
-                error = exc
+                value, error = None, exc
+
+    async def _iterate(self, gen: Steps[None]) -> AsyncIterator[Any]:
+        """A stream: each chunk the steps ``Deliver``, handed to the caller in turn."""
+        out = await self._run(gen)
+        while out is not None:
+            try:
+                yield out.chunk
+            except GeneratorExit:  # the caller stopped reading: the steps close the reply
+                with contextlib.suppress(StreamAbandoned):
+                    await self._run(gen, error=StreamAbandoned())
+                raise
+            except BaseException as exc:
+                out = await self._run(gen, error=exc)
+            else:
+                out = await self._run(gen)
 
     async def _perform(self, op: IOOp) -> Any:
-        if op is NOW:
-            return time.monotonic(), time.monotonic_ns()
         if op is WALL:
             return time.time()
         if isinstance(op, Close):
             await op.head.handle.response.aclose()
             return None
-        assert isinstance(op, Send | Read)
+        if isinstance(op, Race):
+            return await self._race(op)
+        if isinstance(op, Gather):
+            parts = (self._run(part) for part in op.parts)
+            return _gathered(await asyncio.gather(*parts, return_exceptions=True))
+        assert isinstance(op, Send | Read | Sleep)
         if self._closing:
             raise _closed_error(op)
         task = asyncio.current_task()
@@ -321,6 +324,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         performing = self._performing
         performing[task] = performing.get(task, 0) + 1
         try:
+            if isinstance(op, Sleep):
+                return await self._sleep(op)
             return await self._perform_io(op)
         except asyncio.CancelledError:
             if task not in self._close_cancelled:
@@ -338,6 +343,39 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                 del performing[task]
             else:
                 performing[task] -= 1
+
+    async def _sleep(self, op: Sleep) -> None:
+        """A backoff sleeps; a wait for a slot ends at the next release."""
+        if not op.slot:
+            await asyncio.sleep(op.seconds)
+            return
+        if self._slot_freed is None:
+            self._slot_freed = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(op.seconds):
+                await asyncio.shield(self._slot_freed)
+
+    async def _race(self, op: Race) -> Any:
+        first: asyncio.Future[Any] = asyncio.ensure_future(self._run(op.first))
+        done: set[asyncio.Future[Any]]
+        done, _ = await asyncio.wait({first}, timeout=op.after)
+        pending: set[asyncio.Future[Any]] = {first}
+        if not done:
+            pending.add(asyncio.ensure_future(self._run(op.second())))
+        error: BaseException | None = None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    if fut.exception() is None:
+                        return fut.result()
+                    error = fut.exception()
+            assert error is not None
+            raise error
+        finally:
+            for fut in pending:  # the slower copy: cancelled, its slot released
+                fut.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _perform_io(self, op: Send | Read) -> Any:
         limit, total = _limit(op)
@@ -368,221 +406,198 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         except httpx.HTTPError as exc:
             raise _transport_error(op, exc) from None
 
-    # -- health -----------------------------------------------------------------------
-    async def _health_loop(self) -> None:
-        policy = self.config.health
-        last_models = time.monotonic()
-        while True:
-            await asyncio.sleep(next_probe_delay(policy, self._pool.rng))
-            refresh = time.monotonic() - last_models >= policy.models_refresh_s
-            if refresh:
-                last_models = time.monotonic()
-            await self._probe_all(refresh_models=refresh)
-
-    async def _probe_all(self, *, refresh_models: bool) -> None:
-        timeout, health = self.config.health.timeout_s, self.config.health.enabled
-        await asyncio.gather(*(
-            self._run(steps.probe(ep, self.project, timeout, refresh_models, health))
-            for ep in self._pool.endpoints
-        ))  # fmt: skip
-
-    # -- the two call shapes ----------------------------------------------------------
-    async def _call(self, op: Op[T], *, project: str | None, timeout: float | NotGiven | None,
-                    tags: Mapping[str, str] | None) -> tuple[T, CallPlan]:  # fmt: skip
-        plan, span = self._plan(op.operation, op.model, stream=False, project=project,
-                                timeout=timeout, tags=tags, content=op.content)  # fmt: skip
-        error: BaseException | None = None
-        try:
-            async for attempt in AsyncRetrying(
-                sleep=partial(self._sleep, plan), **plan.tenacity_kwargs()
-            ):
-                with attempt:
-                    result = await self._attempt(plan, op, span.headers())
-            return result, plan
-        except BaseException as exc:
-            error = self._annotate(plan, exc)
-            raise
-        finally:
-            self._finish(plan, span, error)
-
-    async def _attempt(self, plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> T:
-        """One attempt, or a hedged pair: a second copy after the p95, first answer wins."""
-        delay = plan.hedge_after(self.config.hedging)
-        if delay is None:
-            return await self._run(steps.attempt(plan, op, trace))
-        first: asyncio.Future[T] = asyncio.ensure_future(self._run(steps.attempt(plan, op, trace)))
-        done: set[asyncio.Future[T]]
-        done, _ = await asyncio.wait({first}, timeout=delay)
-        pending: set[asyncio.Future[T]] = {first}
-        if not done:
-            pending.add(asyncio.ensure_future(self._run(steps.attempt(plan, op, trace))))
-        error: BaseException | None = None
-        try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for fut in done:
-                    if fut.exception() is None:
-                        return fut.result()
-                    error = fut.exception()
-            assert error is not None
-            raise error
-        finally:
-            for fut in pending:  # the slower copy: cancelled, its slot released
-                fut.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    async def _stream(self, op: Op[Parsed], make: Make[C], *, project: str | None,
-                      timeout: float | NotGiven | None,
-                      tags: Mapping[str, str] | None) -> AsyncIterator[C]:  # fmt: skip
-        plan, span = self._plan(op.operation, op.model, stream=True, project=project,
-                                timeout=timeout, tags=tags, content=op.content)  # fmt: skip
-        error: BaseException | None = None
-        opened: Opened | None = None
-        try:
-            async for attempt in AsyncRetrying(
-                sleep=partial(self._sleep, plan), **plan.tenacity_kwargs()
-            ):
-                with attempt:
-                    opened = await self._run(steps.open_stream(plan, op, span.headers()))
-            assert opened is not None
-            while True:
-                for chunk in _drain(plan, opened, make):
-                    yield chunk
-                if opened.eof:
-                    break
-                try:
-                    await self._run(steps.read_more(plan, opened))
-                except SharedOllamaError as exc:
-                    raise steps.interrupted(plan, opened, exc) from exc
-        except BaseException as exc:
-            error = self._annotate(plan, exc)
-            raise
-        finally:
-            if opened is not None:
-                await self._perform(Close(opened.head))
-            self._finish(plan, span, error)
-
-    async def _fan_out(self, operation: str,
-                       project: str | None) -> list[tuple[str, ListedModel]]:  # fmt: skip
-        plan, span = self._plan(operation, None, stream=False, project=project,
-                                timeout=NOT_GIVEN, tags=None)  # fmt: skip
-        timeout = self.config.health.timeout_s
-        error: BaseException | None = None
-        try:
-            results = await asyncio.gather(*(
-                self._run(steps.list_one(ep, operation, plan.record.project, timeout))
-                for ep in self._pool.endpoints
-            ), return_exceptions=True)  # fmt: skip
-            return _merge(self._pool.endpoints, results, operation)
-        except BaseException as exc:
-            error = self._annotate(plan, exc)
-            raise
-        finally:
-            self._finish(plan, span, error)
-
     # -- public API -------------------------------------------------------------------
     @overload
-    async def chat(self, model: str = "", messages: Sequence[MessageLike] | None = None, *,
-                   tools: Sequence[Mapping[str, Any]] | None = None,
-                   stream: Literal[False] = False, think: bool | str | None = None,
-                   format: Any = None, options: Mapping[str, Any] | None = None,
-                   keep_alive: float | str | None = None, project: str | None = None,
-                   timeout: float | NotGiven | None = NOT_GIVEN,
-                   tags: Mapping[str, str] | None = None) -> ChatResponse: ...  # fmt: skip
+    async def chat(
+        self,
+        model: str = "",
+        messages: Sequence[MessageLike] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        stream: Literal[False] = False,
+        think: bool | str | None = None,
+        format: Any = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> ChatResponse: ...
     @overload
-    async def chat(self, model: str = "", messages: Sequence[MessageLike] | None = None, *,
-                   tools: Sequence[Mapping[str, Any]] | None = None,
-                   stream: Literal[True], think: bool | str | None = None,
-                   format: Any = None, options: Mapping[str, Any] | None = None,
-                   keep_alive: float | str | None = None, project: str | None = None,
-                   timeout: float | NotGiven | None = NOT_GIVEN,
-                   tags: Mapping[str, str] | None = None,
-                   ) -> AsyncIterator[ChatChunk]: ...  # fmt: skip
-    async def chat(self, model: str = "", messages: Sequence[MessageLike] | None = None, *,
-                   tools: Sequence[Mapping[str, Any]] | None = None,
-                   stream: bool = False, think: bool | str | None = None,
-                   format: Any = None, options: Mapping[str, Any] | None = None,
-                   keep_alive: float | str | None = None, project: str | None = None,
-                   timeout: float | NotGiven | None = NOT_GIVEN,
-                   tags: Mapping[str, str] | None = None,
-                   ) -> ChatResponse | AsyncIterator[ChatChunk]:  # fmt: skip
+    async def chat(
+        self,
+        model: str = "",
+        messages: Sequence[MessageLike] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        stream: Literal[True],
+        think: bool | str | None = None,
+        format: Any = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[ChatChunk]: ...
+    async def chat(
+        self,
+        model: str = "",
+        messages: Sequence[MessageLike] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        stream: bool = False,
+        think: bool | str | None = None,
+        format: Any = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> ChatResponse | AsyncIterator[ChatChunk]:
         """Chat with ``model``; ``stream=True`` returns an async iterator of chunks."""
-        op = chat_op(model, messages, tools=tools, stream=stream, think=think, format=format,
-                     options=options, keep_alive=keep_alive)  # fmt: skip
+        op = chat_op(
+            model,
+            messages,
+            tools=tools,
+            stream=stream,
+            think=think,
+            format=format,
+            options=options,
+            keep_alive=keep_alive,
+        )
         if stream:
-            return self._stream(op, CHUNKS["chat"], project=project, timeout=timeout, tags=tags)
-        parsed, plan = await self._call(op, project=project, timeout=timeout, tags=tags)
-        return RESPONSES["chat"](plan.record, parsed)  # type: ignore[no-any-return]
+            return self._iterate(self._streaming(op, CHUNKS["chat"], project, timeout, tags))
+        parsed, record = await self._run(self._calling(op, project, timeout, tags))
+        return RESPONSES["chat"](record, parsed)  # type: ignore[no-any-return]
 
     @overload
-    async def generate(self, model: str = "", prompt: str = "", suffix: str | None = None, *,
-                       system: str | None = None, template: str | None = None,
-                       context: Sequence[int] | None = None, stream: Literal[False] = False,
-                       think: bool | str | None = None, raw: bool | None = None,
-                       format: Any = None, images: Sequence[str] | None = None,
-                       options: Mapping[str, Any] | None = None,
-                       keep_alive: float | str | None = None, project: str | None = None,
-                       timeout: float | NotGiven | None = NOT_GIVEN,
-                       tags: Mapping[str, str] | None = None) -> GenerateResponse: ...  # fmt: skip
+    async def generate(
+        self,
+        model: str = "",
+        prompt: str = "",
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        stream: Literal[False] = False,
+        think: bool | str | None = None,
+        raw: bool | None = None,
+        format: Any = None,
+        images: Sequence[str] | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> GenerateResponse: ...
     @overload
-    async def generate(self, model: str = "", prompt: str = "", suffix: str | None = None, *,
-                       system: str | None = None, template: str | None = None,
-                       context: Sequence[int] | None = None, stream: Literal[True],
-                       think: bool | str | None = None, raw: bool | None = None,
-                       format: Any = None, images: Sequence[str] | None = None,
-                       options: Mapping[str, Any] | None = None,
-                       keep_alive: float | str | None = None, project: str | None = None,
-                       timeout: float | NotGiven | None = NOT_GIVEN,
-                       tags: Mapping[str, str] | None = None,
-                       ) -> AsyncIterator[GenerateChunk]: ...  # fmt: skip
-    async def generate(self, model: str = "", prompt: str = "", suffix: str | None = None, *,
-                       system: str | None = None, template: str | None = None,
-                       context: Sequence[int] | None = None, stream: bool = False,
-                       think: bool | str | None = None, raw: bool | None = None,
-                       format: Any = None, images: Sequence[str] | None = None,
-                       options: Mapping[str, Any] | None = None,
-                       keep_alive: float | str | None = None, project: str | None = None,
-                       timeout: float | NotGiven | None = NOT_GIVEN,
-                       tags: Mapping[str, str] | None = None,
-                       ) -> GenerateResponse | AsyncIterator[GenerateChunk]:  # fmt: skip
+    async def generate(
+        self,
+        model: str = "",
+        prompt: str = "",
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        stream: Literal[True],
+        think: bool | str | None = None,
+        raw: bool | None = None,
+        format: Any = None,
+        images: Sequence[str] | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[GenerateChunk]: ...
+    async def generate(
+        self,
+        model: str = "",
+        prompt: str = "",
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        stream: bool = False,
+        think: bool | str | None = None,
+        raw: bool | None = None,
+        format: Any = None,
+        images: Sequence[str] | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> GenerateResponse | AsyncIterator[GenerateChunk]:
         """Complete ``prompt``; ``stream=True`` returns an async iterator of chunks."""
-        op = generate_op(model, prompt, suffix=suffix, system=system, template=template,
-                         context=context, stream=stream, think=think, raw=raw, format=format,
-                         images=images, options=options, keep_alive=keep_alive)  # fmt: skip
+        op = generate_op(
+            model,
+            prompt,
+            suffix=suffix,
+            system=system,
+            template=template,
+            context=context,
+            stream=stream,
+            think=think,
+            raw=raw,
+            format=format,
+            images=images,
+            options=options,
+            keep_alive=keep_alive,
+        )
         if stream:
-            return self._stream(op, CHUNKS["generate"], project=project, timeout=timeout,
-                                tags=tags)  # fmt: skip
-        parsed, plan = await self._call(op, project=project, timeout=timeout, tags=tags)
-        return RESPONSES["generate"](plan.record, parsed)  # type: ignore[no-any-return]
+            chunks = CHUNKS["generate"]
+            return self._iterate(self._streaming(op, chunks, project, timeout, tags))
+        parsed, record = await self._run(self._calling(op, project, timeout, tags))
+        return RESPONSES["generate"](record, parsed)  # type: ignore[no-any-return]
 
-    async def embed(self, model: str = "", input: str | Sequence[str] = "",
-                    truncate: bool | None = None, options: Mapping[str, Any] | None = None,
-                    keep_alive: float | str | None = None, dimensions: int | None = None, *,
-                    project: str | None = None, timeout: float | NotGiven | None = NOT_GIVEN,
-                    tags: Mapping[str, str] | None = None) -> EmbedResponse:  # fmt: skip
+    async def embed(
+        self,
+        model: str = "",
+        input: str | Sequence[str] = "",
+        truncate: bool | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        dimensions: int | None = None,
+        *,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> EmbedResponse:
         """Embed ``input`` (one string or a list) with ``model``."""
-        op = embed_op(model, input, truncate=truncate, options=options, keep_alive=keep_alive,
-                      dimensions=dimensions)  # fmt: skip
-        parsed, plan = await self._call(op, project=project, timeout=timeout, tags=tags)
-        return RESPONSES["embed"](plan.record, parsed)  # type: ignore[no-any-return]
+        op = embed_op(
+            model,
+            input,
+            truncate=truncate,
+            options=options,
+            keep_alive=keep_alive,
+            dimensions=dimensions,
+        )
+        parsed, record = await self._run(self._calling(op, project, timeout, tags))
+        return RESPONSES["embed"](record, parsed)  # type: ignore[no-any-return]
 
-    async def show(self, model: str, *, project: str | None = None,
-                   timeout: float | NotGiven | None = NOT_GIVEN) -> ShowResponse:  # fmt: skip
+    async def show(
+        self,
+        model: str,
+        *,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+    ) -> ShowResponse:
         """What an endpoint serving ``model`` says about it."""
-        fields, plan = await self._call(show_op(model), project=project, timeout=timeout,
-                                        tags=None)  # fmt: skip
-        rec = plan.record
-        return ShowResponse(model=model, served_model=rec.served_model or "",
-                            endpoint=rec.endpoint or "", **fields)  # fmt: skip
+        fields, record = await self._run(self._calling(show_op(model), project, timeout, None))
+        return self._show_response(model, record, fields)
 
     async def list(self, *, project: str | None = None) -> ListResponse:
         """Models served across the pool (one entry per endpoint and model)."""
-        listed = await self._fan_out("list", project)
+        listed = await self._run(self._listing("list", project))
         return ListResponse(models=self._logical_models(listed, running=False))
 
     async def ps(self, *, project: str | None = None) -> PsResponse:
         """Models loaded in memory across the pool."""
-        listed = await self._fan_out("ps", project)
+        listed = await self._run(self._listing("ps", project))
         return PsResponse(models=self._logical_models(listed, running=True))
 
 
@@ -596,7 +611,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
     """
 
     _health_thread: threading.Thread | None = None
-    _hedge_pool: ThreadPoolExecutor | None = None
+    _workers: ThreadPoolExecutor | None = None
 
     def _open_connections(self, transport: httpx.BaseTransport | None) -> None:
         self._http = {
@@ -605,8 +620,9 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             )
             for ep in self._pool.endpoints
         }
+        #: Set when the client starts closing: waits (backoffs, the health loop) end at once.
         self._stop = threading.Event()
-        self._hedge_lock = threading.Lock()
+        self._workers_lock = threading.Lock()
         self._watchdog = Watchdog()
         self._recorded = threading.Condition()
         #: Calls waiting for a free slot sleep on this; a release wakes them.
@@ -624,18 +640,6 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         if self._slot_waiters:  # no lock on the hot path when nobody waits
             with self._slot_freed:
                 self._slot_freed.notify_all()
-
-    def _sleep(self, plan: CallPlan, seconds: float) -> None:
-        """tenacity's sleep: a backoff sleeps; a wait for a slot ends at the next release."""
-        if not plan.slot_wait:
-            time.sleep(seconds)
-            return
-        with self._slot_freed:
-            self._slot_waiters += 1
-            try:
-                self._slot_freed.wait(seconds)
-            finally:
-                self._slot_waiters -= 1
 
     def _call_finished(self) -> None:
         if self._closing:
@@ -659,22 +663,28 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         if self._started:
             return
         self._started = True
-        self._probe_all(refresh_models=True)
+        self._run(self._probe_steps())
         if self.config.health.enabled:
             self._health_thread = threading.Thread(
-                target=self._health_loop, name="shared_ollama-health", daemon=True
+                target=self._health, name="shared_ollama-health", daemon=True
             )
             self._health_thread.start()
+
+    def _health(self) -> None:
+        with contextlib.suppress(ClientClosed):
+            self._run(self._health_steps())
 
     def close(self) -> None:
         """Stop probes, end calls in flight, close connections, flush the ledger (idempotent).
 
         Sends and reads in flight in other threads are cut off (their sockets shut down) and
-        raise ``ClientClosed``; every call still open gets its record before the ledger closes.
+        raise ``ClientClosed``, as do waits; every call still open gets its record before the
+        ledger closes.
         """
         if self._closed or self._closing:
             return
         self._closing = True
+        self._stop.set()
         waiting = self._calls_of(self._watchdog.ring_all())
         with self._recorded:
             self._recorded.wait_for(
@@ -682,39 +692,63 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             )
         self._finish_abandoned()
         self._closed = True
-        self._stop.set()
         if self._health_thread is not None:
             self._health_thread.join()
-        if self._hedge_pool is not None:
-            self._hedge_pool.shutdown(wait=True)
+        with self._workers_lock:
+            workers = self._workers
+        if workers is not None:
+            workers.shutdown(wait=True)
         for http in self._http.values():
             http.close()
         self._watchdog.close()
         self.usage.close()
 
-    # -- the driver: perform what the steps ask for ------------------------------------
-    def _run(self, gen: Steps[T]) -> T:
-        value: Any = None
-        error: BaseException | None = None
+    # -- the interpreter ----------------------------------------------------------------
+    def _run(self, gen: Steps[Any], value: Any = None, error: BaseException | None = None) -> Any:
+        """Perform what ``gen`` yields until it returns (its value is returned) or yields a
+        ``Deliver`` (returned as is: ``_iterate`` hands its chunk over and resumes)."""
         while True:
             try:
-                op = gen.throw(error) if error is not None else gen.send(value)
+                op = gen.send(value) if error is None else gen.throw(error)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            value, error = None, None
+                return stop.value
+            if op is NOW:
+                value, error = (time.monotonic(), time.monotonic_ns()), None
+                continue
+            if type(op) is Deliver:
+                return op
             try:
-                value = self._perform(op)
+                value, error = self._perform(op), None
             except BaseException as exc:  # thrown into the steps: their cleanup runs
-                error = exc
+                value, error = None, exc
+
+    def _iterate(self, gen: Steps[None]) -> Iterator[Any]:
+        """A stream: each chunk the steps ``Deliver``, handed to the caller in turn."""
+        out = self._run(gen)
+        while out is not None:
+            try:
+                yield out.chunk
+            except GeneratorExit:  # the caller stopped reading: the steps close the reply
+                with contextlib.suppress(StreamAbandoned):
+                    self._run(gen, error=StreamAbandoned())
+                raise
+            except BaseException as exc:
+                out = self._run(gen, error=exc)
+            else:
+                out = self._run(gen)
 
     def _perform(self, op: IOOp) -> Any:
-        if op is NOW:
-            return time.monotonic(), time.monotonic_ns()
         if op is WALL:
             return time.time()
         if isinstance(op, Close):
             op.head.handle.response.close()
             return None
+        if isinstance(op, Sleep):
+            return self._sleep(op)
+        if isinstance(op, Race):
+            return self._race(op)
+        if isinstance(op, Gather):
+            return self._gather(op)
         assert isinstance(op, Send | Read)
         limit, total = _limit(op)
         if limit is not None and limit <= 0:
@@ -740,8 +774,72 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             raise _deadline_error(op, total)
         return value
 
-    def _perform_io(self, op: Send | Read, limit: float | None, total: bool,
-                    alarm: Alarm | None) -> Any:  # fmt: skip
+    def _sleep(self, op: Sleep) -> None:
+        """A backoff sleeps; a wait for a slot ends at the next release; close ends both."""
+        if not op.slot:
+            if self._stop.wait(op.seconds):
+                raise _closed_error(op)
+            return
+        with self._slot_freed:
+            self._slot_waiters += 1
+            try:
+                self._slot_freed.wait(op.seconds)
+            finally:
+                self._slot_waiters -= 1
+        if self._closing:
+            raise _closed_error(op)
+
+    def _pool_of_workers(self) -> ThreadPoolExecutor:
+        with self._workers_lock:
+            if self._closed:
+                raise ClientClosed("the client was closed during the call")
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(64, thread_name_prefix="shared_ollama")
+            return self._workers
+
+    def _race(self, op: Race) -> Any:
+        """A blocking request cannot be cancelled: the losing copy finishes in a worker
+        thread and is discarded (its attempt is closed with the call)."""
+        workers = self._pool_of_workers()
+        first = workers.submit(self._run, op.first)
+        done, pending = futures_wait({first}, timeout=op.after)
+        if not done:
+            pending.add(workers.submit(self._run, op.second()))
+        error: BaseException | None = None
+        while True:
+            for fut in done:
+                exc = fut.exception()
+                if exc is None:
+                    return fut.result()
+                error = exc
+            if not pending:
+                break
+            done, pending = futures_wait(pending, return_when=FIRST_COMPLETED)
+        assert error is not None
+        raise error
+
+    def _gather(self, op: Gather) -> list[object]:
+        """The parts in worker threads, all at once (the first one here)."""
+        if not op.parts:
+            return []
+        first, *rest = op.parts
+        others: list[Future[Any]] = []
+        if rest:
+            workers = self._pool_of_workers()
+            others = [workers.submit(self._run, part) for part in rest]
+        results: list[object] = []
+        try:
+            results.append(self._run(first))
+        except BaseException as exc:
+            results.append(exc)
+        for fut in others:
+            failure = fut.exception()
+            results.append(fut.result() if failure is None else failure)
+        return _gathered(results)
+
+    def _perform_io(
+        self, op: Send | Read, limit: float | None, total: bool, alarm: Alarm | None
+    ) -> Any:
         try:
             if isinstance(op, Send):
                 # httpx bounds each socket read; the deadline shortens the bound when closer.
@@ -777,213 +875,196 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                 raise _deadline_error(op, total) from None
             raise _transport_error(op, exc) from None
 
-    # -- health -----------------------------------------------------------------------
-    def _health_loop(self) -> None:
-        policy = self.config.health
-        last_models = time.monotonic()
-        while not self._stop.wait(next_probe_delay(policy, self._pool.rng)):
-            refresh = time.monotonic() - last_models >= policy.models_refresh_s
-            if refresh:
-                last_models = time.monotonic()
-            self._probe_all(refresh_models=refresh)
-
-    def _probe_all(self, *, refresh_models: bool) -> None:
-        timeout, health = self.config.health.timeout_s, self.config.health.enabled
-        for ep in self._pool.endpoints:
-            self._run(steps.probe(ep, self.project, timeout, refresh_models, health))
-
-    # -- the two call shapes ----------------------------------------------------------
-    def _call(self, op: Op[T], *, project: str | None, timeout: float | NotGiven | None,
-              tags: Mapping[str, str] | None) -> tuple[T, CallPlan]:  # fmt: skip
-        plan, span = self._plan(op.operation, op.model, stream=False, project=project,
-                                timeout=timeout, tags=tags, content=op.content)  # fmt: skip
-        error: BaseException | None = None
-        try:
-            for attempt in Retrying(sleep=partial(self._sleep, plan), **plan.tenacity_kwargs()):
-                with attempt:
-                    result = self._attempt(plan, op, span.headers())
-            return result, plan
-        except BaseException as exc:
-            error = self._annotate(plan, exc)
-            raise
-        finally:
-            self._finish(plan, span, error)
-
-    def _attempt(self, plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> T:
-        """One attempt, or a hedged pair: a second copy after the p95, first answer wins.
-
-        A blocking request cannot be cancelled: the losing copy finishes in a worker thread
-        and is discarded (its attempt is closed with the call).
-        """
-        delay = plan.hedge_after(self.config.hedging)
-        if delay is None:
-            return self._run(steps.attempt(plan, op, trace))
-        with self._hedge_lock:
-            if self._hedge_pool is None:
-                self._hedge_pool = ThreadPoolExecutor(thread_name_prefix="shared_ollama-hedge")
-            pool = self._hedge_pool
-        first = pool.submit(self._run, steps.attempt(plan, op, trace))
-        done, pending = futures_wait({first}, timeout=delay)
-        if not done:
-            pending.add(pool.submit(self._run, steps.attempt(plan, op, trace)))
-        error: BaseException | None = None
-        while True:
-            for fut in done:
-                exc = fut.exception()
-                if exc is None:
-                    return fut.result()
-                error = exc
-            if not pending:
-                break
-            done, pending = futures_wait(pending, return_when=FIRST_COMPLETED)
-        assert error is not None
-        raise error
-
-    def _stream(self, op: Op[Parsed], make: Make[C], *, project: str | None,
-                timeout: float | NotGiven | None,
-                tags: Mapping[str, str] | None) -> Iterator[C]:  # fmt: skip
-        plan, span = self._plan(op.operation, op.model, stream=True, project=project,
-                                timeout=timeout, tags=tags, content=op.content)  # fmt: skip
-        error: BaseException | None = None
-        opened: Opened | None = None
-        try:
-            for attempt in Retrying(sleep=partial(self._sleep, plan), **plan.tenacity_kwargs()):
-                with attempt:
-                    opened = self._run(steps.open_stream(plan, op, span.headers()))
-            assert opened is not None
-            while True:
-                yield from _drain(plan, opened, make)
-                if opened.eof:
-                    break
-                try:
-                    self._run(steps.read_more(plan, opened))
-                except SharedOllamaError as exc:
-                    raise steps.interrupted(plan, opened, exc) from exc
-        except BaseException as exc:
-            error = self._annotate(plan, exc)
-            raise
-        finally:
-            if opened is not None:
-                self._perform(Close(opened.head))
-            self._finish(plan, span, error)
-
-    def _fan_out(self, operation: str, project: str | None) -> list[tuple[str, ListedModel]]:
-        plan, span = self._plan(operation, None, stream=False, project=project,
-                                timeout=NOT_GIVEN, tags=None)  # fmt: skip
-        timeout = self.config.health.timeout_s
-        error: BaseException | None = None
-        try:
-            results: list[Any] = []
-            for ep in self._pool.endpoints:
-                try:
-                    results.append(
-                        self._run(steps.list_one(ep, operation, plan.record.project, timeout))
-                    )
-                except SharedOllamaError as exc:
-                    results.append(exc)
-            return _merge(self._pool.endpoints, results, operation)
-        except BaseException as exc:
-            error = self._annotate(plan, exc)
-            raise
-        finally:
-            self._finish(plan, span, error)
-
     # -- public API -------------------------------------------------------------------
     @overload
-    def chat(self, model: str = "", messages: Sequence[MessageLike] | None = None, *,
-             tools: Sequence[Mapping[str, Any]] | None = None,
-             stream: Literal[False] = False, think: bool | str | None = None,
-             format: Any = None, options: Mapping[str, Any] | None = None,
-             keep_alive: float | str | None = None, project: str | None = None,
-             timeout: float | NotGiven | None = NOT_GIVEN,
-             tags: Mapping[str, str] | None = None) -> ChatResponse: ...  # fmt: skip
+    def chat(
+        self,
+        model: str = "",
+        messages: Sequence[MessageLike] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        stream: Literal[False] = False,
+        think: bool | str | None = None,
+        format: Any = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> ChatResponse: ...
     @overload
-    def chat(self, model: str = "", messages: Sequence[MessageLike] | None = None, *,
-             tools: Sequence[Mapping[str, Any]] | None = None,
-             stream: Literal[True], think: bool | str | None = None,
-             format: Any = None, options: Mapping[str, Any] | None = None,
-             keep_alive: float | str | None = None, project: str | None = None,
-             timeout: float | NotGiven | None = NOT_GIVEN,
-             tags: Mapping[str, str] | None = None) -> Iterator[ChatChunk]: ...  # fmt: skip
-    def chat(self, model: str = "", messages: Sequence[MessageLike] | None = None, *,
-             tools: Sequence[Mapping[str, Any]] | None = None,
-             stream: bool = False, think: bool | str | None = None,
-             format: Any = None, options: Mapping[str, Any] | None = None,
-             keep_alive: float | str | None = None, project: str | None = None,
-             timeout: float | NotGiven | None = NOT_GIVEN,
-             tags: Mapping[str, str] | None = None,
-             ) -> ChatResponse | Iterator[ChatChunk]:  # fmt: skip
+    def chat(
+        self,
+        model: str = "",
+        messages: Sequence[MessageLike] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        stream: Literal[True],
+        think: bool | str | None = None,
+        format: Any = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator[ChatChunk]: ...
+    def chat(
+        self,
+        model: str = "",
+        messages: Sequence[MessageLike] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        stream: bool = False,
+        think: bool | str | None = None,
+        format: Any = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> ChatResponse | Iterator[ChatChunk]:
         """Chat with ``model``; ``stream=True`` returns an iterator of chunks."""
-        op = chat_op(model, messages, tools=tools, stream=stream, think=think, format=format,
-                     options=options, keep_alive=keep_alive)  # fmt: skip
+        op = chat_op(
+            model,
+            messages,
+            tools=tools,
+            stream=stream,
+            think=think,
+            format=format,
+            options=options,
+            keep_alive=keep_alive,
+        )
         if stream:
-            return self._stream(op, CHUNKS["chat"], project=project, timeout=timeout, tags=tags)
-        parsed, plan = self._call(op, project=project, timeout=timeout, tags=tags)
-        return RESPONSES["chat"](plan.record, parsed)  # type: ignore[no-any-return]
+            return self._iterate(self._streaming(op, CHUNKS["chat"], project, timeout, tags))
+        parsed, record = self._run(self._calling(op, project, timeout, tags))
+        return RESPONSES["chat"](record, parsed)  # type: ignore[no-any-return]
 
     @overload
-    def generate(self, model: str = "", prompt: str = "", suffix: str | None = None, *,
-                 system: str | None = None, template: str | None = None,
-                 context: Sequence[int] | None = None, stream: Literal[False] = False,
-                 think: bool | str | None = None, raw: bool | None = None,
-                 format: Any = None, images: Sequence[str] | None = None,
-                 options: Mapping[str, Any] | None = None,
-                 keep_alive: float | str | None = None, project: str | None = None,
-                 timeout: float | NotGiven | None = NOT_GIVEN,
-                 tags: Mapping[str, str] | None = None) -> GenerateResponse: ...  # fmt: skip
+    def generate(
+        self,
+        model: str = "",
+        prompt: str = "",
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        stream: Literal[False] = False,
+        think: bool | str | None = None,
+        raw: bool | None = None,
+        format: Any = None,
+        images: Sequence[str] | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> GenerateResponse: ...
     @overload
-    def generate(self, model: str = "", prompt: str = "", suffix: str | None = None, *,
-                 system: str | None = None, template: str | None = None,
-                 context: Sequence[int] | None = None, stream: Literal[True],
-                 think: bool | str | None = None, raw: bool | None = None,
-                 format: Any = None, images: Sequence[str] | None = None,
-                 options: Mapping[str, Any] | None = None,
-                 keep_alive: float | str | None = None, project: str | None = None,
-                 timeout: float | NotGiven | None = NOT_GIVEN,
-                 tags: Mapping[str, str] | None = None) -> Iterator[GenerateChunk]: ...  # fmt: skip
-    def generate(self, model: str = "", prompt: str = "", suffix: str | None = None, *,
-                 system: str | None = None, template: str | None = None,
-                 context: Sequence[int] | None = None, stream: bool = False,
-                 think: bool | str | None = None, raw: bool | None = None,
-                 format: Any = None, images: Sequence[str] | None = None,
-                 options: Mapping[str, Any] | None = None,
-                 keep_alive: float | str | None = None, project: str | None = None,
-                 timeout: float | NotGiven | None = NOT_GIVEN,
-                 tags: Mapping[str, str] | None = None,
-                 ) -> GenerateResponse | Iterator[GenerateChunk]:  # fmt: skip
+    def generate(
+        self,
+        model: str = "",
+        prompt: str = "",
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        stream: Literal[True],
+        think: bool | str | None = None,
+        raw: bool | None = None,
+        format: Any = None,
+        images: Sequence[str] | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator[GenerateChunk]: ...
+    def generate(
+        self,
+        model: str = "",
+        prompt: str = "",
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        stream: bool = False,
+        think: bool | str | None = None,
+        raw: bool | None = None,
+        format: Any = None,
+        images: Sequence[str] | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> GenerateResponse | Iterator[GenerateChunk]:
         """Complete ``prompt``; ``stream=True`` returns an iterator of chunks."""
-        op = generate_op(model, prompt, suffix=suffix, system=system, template=template,
-                         context=context, stream=stream, think=think, raw=raw, format=format,
-                         images=images, options=options, keep_alive=keep_alive)  # fmt: skip
+        op = generate_op(
+            model,
+            prompt,
+            suffix=suffix,
+            system=system,
+            template=template,
+            context=context,
+            stream=stream,
+            think=think,
+            raw=raw,
+            format=format,
+            images=images,
+            options=options,
+            keep_alive=keep_alive,
+        )
         if stream:
-            return self._stream(op, CHUNKS["generate"], project=project, timeout=timeout,
-                                tags=tags)  # fmt: skip
-        parsed, plan = self._call(op, project=project, timeout=timeout, tags=tags)
-        return RESPONSES["generate"](plan.record, parsed)  # type: ignore[no-any-return]
+            chunks = CHUNKS["generate"]
+            return self._iterate(self._streaming(op, chunks, project, timeout, tags))
+        parsed, record = self._run(self._calling(op, project, timeout, tags))
+        return RESPONSES["generate"](record, parsed)  # type: ignore[no-any-return]
 
-    def embed(self, model: str = "", input: str | Sequence[str] = "",
-              truncate: bool | None = None, options: Mapping[str, Any] | None = None,
-              keep_alive: float | str | None = None, dimensions: int | None = None, *,
-              project: str | None = None, timeout: float | NotGiven | None = NOT_GIVEN,
-              tags: Mapping[str, str] | None = None) -> EmbedResponse:  # fmt: skip
+    def embed(
+        self,
+        model: str = "",
+        input: str | Sequence[str] = "",
+        truncate: bool | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        dimensions: int | None = None,
+        *,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+        tags: Mapping[str, str] | None = None,
+    ) -> EmbedResponse:
         """Embed ``input`` (one string or a list) with ``model``."""
-        op = embed_op(model, input, truncate=truncate, options=options, keep_alive=keep_alive,
-                      dimensions=dimensions)  # fmt: skip
-        parsed, plan = self._call(op, project=project, timeout=timeout, tags=tags)
-        return RESPONSES["embed"](plan.record, parsed)  # type: ignore[no-any-return]
+        op = embed_op(
+            model,
+            input,
+            truncate=truncate,
+            options=options,
+            keep_alive=keep_alive,
+            dimensions=dimensions,
+        )
+        parsed, record = self._run(self._calling(op, project, timeout, tags))
+        return RESPONSES["embed"](record, parsed)  # type: ignore[no-any-return]
 
-    def show(self, model: str, *, project: str | None = None,
-             timeout: float | NotGiven | None = NOT_GIVEN) -> ShowResponse:  # fmt: skip
+    def show(
+        self,
+        model: str,
+        *,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+    ) -> ShowResponse:
         """What an endpoint serving ``model`` says about it."""
-        fields, plan = self._call(show_op(model), project=project, timeout=timeout, tags=None)
-        rec = plan.record
-        return ShowResponse(model=model, served_model=rec.served_model or "",
-                            endpoint=rec.endpoint or "", **fields)  # fmt: skip
+        fields, record = self._run(self._calling(show_op(model), project, timeout, None))
+        return self._show_response(model, record, fields)
 
     def list(self, *, project: str | None = None) -> ListResponse:
         """Models served across the pool (one entry per endpoint and model)."""
-        return ListResponse(models=self._logical_models(self._fan_out("list", project), False))
+        listed = self._run(self._listing("list", project))
+        return ListResponse(models=self._logical_models(listed, running=False))
 
     def ps(self, *, project: str | None = None) -> PsResponse:
         """Models loaded in memory across the pool."""
-        return PsResponse(models=self._logical_models(self._fan_out("ps", project), True))
+        listed = self._run(self._listing("ps", project))
+        return PsResponse(models=self._logical_models(listed, running=True))

@@ -55,6 +55,9 @@ class CallRecord:
     t_start_ns: int
     t_end_ns: int = 0
     t_first_chunk_ns: int | None = None
+    #: Arrival of the last chunk that carried content (a token, thinking, a tool call): a
+    #: stream's generation ends there, before the server's closing events.
+    t_last_token_ns: int | None = None
     served_model: str | None = None
     endpoint: str | None = None
     endpoint_name: str | None = None

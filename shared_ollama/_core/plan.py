@@ -1,8 +1,9 @@
 """The per-call plan: route, classify, retry or fail over, and record — free of I/O.
 
-Both drivers step through the same plan: ``choose`` -> ``begin`` -> (send) -> ``end``,
-with tenacity calling ``retry``/``wait``/``stop`` between attempts; ``finish`` builds the
-one CallRecord of the call. Time comes in as arguments (monotonic seconds / ns).
+The call steps (``steps.py``) go through the same plan: ``choose`` -> ``begin`` -> (send)
+-> ``end``, with ``after_failure`` (tenacity's retry/stop/wait strategies) between
+attempts; ``finish`` builds the one CallRecord of the call. Time comes in as arguments
+(monotonic seconds / ns).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tenacity import RetryCallState
+from tenacity import Future, RetryCallState
 
 from ..config import Limits, RetryPolicy, Timeouts
 from ..errors import (
@@ -284,15 +285,23 @@ class CallPlan:
             return None
         return self.pool.p95(self.operation)
 
-    # -- tenacity hooks ---------------------------------------------------------------
-    def tenacity_kwargs(self) -> dict[str, Any]:
-        """Arguments for ``Retrying``/``AsyncRetrying``: the same policy in both drivers."""
-        return {
-            "retry": self.should_retry,
-            "wait": self.wait_seconds,
-            "stop": self.should_stop,
-            "reraise": True,
-        }
+    # -- retry policy: tenacity strategies, asked only after a failure ------------------
+    def after_failure(self, exc: BaseException, now: float) -> float | None:
+        """Seconds to wait before the next attempt, or None: give up and raise ``exc``.
+
+        ``should_retry``/``should_stop``/``wait_seconds`` are tenacity retry/stop/wait
+        strategies, judged in tenacity's order on a ``RetryCallState`` filled in here with
+        the time the steps read. tenacity's own ``Retrying`` loop is not used: it sleeps and
+        reads the clock itself, and its objects would cost every call, retried or not.
+        """
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = max(1, self.attempts)
+        outcome = Future(state.attempt_number)
+        outcome.set_exception(exc)
+        state.outcome, state.outcome_timestamp = outcome, now
+        if not self.should_retry(state) or self.should_stop(state):
+            return None
+        return self.wait_seconds(state)
 
     def should_retry(self, rs: RetryCallState) -> bool:
         """Retry only retryable errors, before any chunk reached the caller, in budget."""
@@ -360,6 +369,7 @@ class CallPlan:
             return  # a losing hedge that ended after the call: the record is out already
         rec = self.record
         rec.t_first_chunk_ns = rec.t_first_chunk_ns or now_ns
+        rec.t_last_token_ns = now_ns
         self._parsed_text = parsed.text
         rec.input_tokens = parsed.input_tokens
         rec.output_tokens = parsed.output_tokens
@@ -388,6 +398,8 @@ class CallPlan:
             # no token, whatever the protocol says about the others.
             has_content = piece.text or piece.thinking or piece.tool_calls
             rec.chunk_tokens.append(piece.tokens if has_content else 0)
+            if has_content:
+                rec.t_last_token_ns = now_ns
         return deliver
 
     @property

@@ -1,20 +1,26 @@
-"""Every call's logic written once, as generators that yield I/O operations.
+"""Every call's lifecycle written once, as generators that yield operations.
 
-A driver runs a step generator by performing each yielded ``Send``/``Read``/``Close``/
-``NOW`` and sending the result back (or throwing the typed error in): the async driver
-awaits, the sync driver blocks. Nothing here touches a socket, a loop or the clock.
+``call``, ``stream``, ``fan_out`` and ``probe_all`` hold the whole of a call: routing,
+attempts, hedging, retries and their waits, deadlines, bounds and breaker bookkeeping. A
+driver runs one by performing each yielded operation and sending the result back (or
+throwing its typed error in): ``Send``/``Read``/``Close`` (HTTP), ``NOW``/``WALL`` (clocks),
+``Sleep``, ``Race`` and ``Gather`` (other step generators run concurrently) and, for
+streams, ``Deliver`` (hand one chunk to the caller). The async driver awaits, the sync
+driver blocks; nothing here touches a socket, a loop, a thread or the clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from ..config import Endpoint, Limits
+from ..config import Endpoint, HealthPolicy, Limits
 from ..errors import ClientClosed, NoEndpointAvailable, SharedOllamaError
-from ..pool import AUTO_PROBES, EndpointState, detect_kind
+from ..pool import AUTO_PROBES, EndpointState, detect_kind, next_probe_delay
 from ..protocols import Codec, ListedModel, Parsed, Piece, WireRequest, WireResponse
+from ..records import CallRecord
 from .plan import Attempt, CallPlan
 from .requests import Op
 from .status import error_for_response, is_answer
@@ -24,20 +30,29 @@ __all__ = [
     "NOW",
     "WALL",
     "Close",
+    "Deliver",
+    "Gather",
     "Head",
     "IOOp",
     "Opened",
+    "Race",
     "Read",
     "Send",
+    "Sleep",
     "Steps",
+    "StreamAbandoned",
     "attempt",
+    "call",
     "detect",
-    "interrupted",
+    "fan_out",
+    "health_loop",
     "list_one",
     "open_stream",
     "probe",
+    "probe_all",
     "read_more",
     "request_headers",
+    "stream",
 ]
 
 T = TypeVar("T")
@@ -103,9 +118,59 @@ class _Wall:
     """Ask the driver for wall-clock epoch seconds (HTTP-date ``Retry-After``)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait ``seconds``; with ``slot``, an endpoint giving a slot back ends the wait early.
+
+    The sync driver also ends it when the client closes (raising ``ClientClosed``).
+    """
+
+    seconds: float
+    slot: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Race:
+    """Run ``first``; if it has not finished after ``after`` seconds, start ``second()``.
+
+    The first success is the result; when both fail, the last error. The loser is
+    cancelled (async) or left to finish unseen in a worker thread (sync: a blocking request
+    cannot be interrupted); either way its attempt ends with the call.
+    """
+
+    first: Steps[Any]
+    second: Callable[[], Steps[Any]]
+    after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Gather:
+    """Run ``parts`` concurrently: their results in order, a ``SharedOllamaError`` standing
+    in for a part that failed with one (any other error is raised)."""
+
+    parts: Sequence[Steps[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Streams only: hand ``chunk`` to the caller; the steps resume when it asks for more
+    (or get ``StreamAbandoned`` thrown in when it stops reading)."""
+
+    chunk: Any
+
+
+class StreamAbandoned(BaseException):
+    """Thrown into stream steps when the caller stops reading (closes the iterator).
+
+    Not ``GeneratorExit``: thrown into a ``yield from`` chain, that one closes the inner
+    generators instead, and their cleanup could not yield the ``Close`` of the reply. The
+    call is recorded as ``cancelled``.
+    """
+
+
 NOW = _Now()
 WALL = _Wall()
-IOOp: TypeAlias = Send | Read | Close | _Now | _Wall
+IOOp: TypeAlias = Send | Read | Close | _Now | _Wall | Sleep | Race | Gather | Deliver
 Steps: TypeAlias = Generator[IOOp, Any, T]
 
 
@@ -169,6 +234,39 @@ def _body_bound(limits: Limits, head: Head) -> tuple[int, bool]:
     return (limits.max_error_bytes if failed else limits.max_response_bytes), failed
 
 
+def call(plan: CallPlan, op: Op[T], trace: Mapping[str, str], hedging: bool) -> Steps[T]:
+    """A whole non-stream call: attempts (hedged where the pool allows), retries, waits."""
+    return (yield from _retrying(plan, partial(_hedged, plan, op, trace, hedging)))
+
+
+def _hedged(plan: CallPlan, op: Op[T], trace: Mapping[str, str], hedging: bool) -> Steps[T]:
+    """One attempt, or a hedged pair: a second copy after the p95, first answer wins."""
+    delay = plan.hedge_after(hedging)
+    if delay is None:
+        return (yield from attempt(plan, op, trace))
+    won: T = yield Race(attempt(plan, op, trace), partial(attempt, plan, op, trace), delay)
+    return won
+
+
+def _retrying(plan: CallPlan, once: Callable[[], Steps[T]]) -> Steps[T]:
+    """Run ``once()`` until it succeeds or the plan's retry policy gives up.
+
+    The policy is tenacity's retry/stop/wait strategies, asked only after a failure (see
+    ``CallPlan.after_failure``); the waits are ``Sleep`` operations, so no clock or sleep is
+    read here.
+    """
+    while True:
+        try:
+            return (yield from once())
+        except SharedOllamaError as exc:
+            now, _ = yield NOW
+            wait = plan.after_failure(exc, now)
+            if wait is None:
+                raise
+            if wait > 0:
+                yield Sleep(wait, plan.slot_wait)
+
+
 def attempt(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:
     """One non-stream attempt: route, send, read, classify, parse."""
     now, now_ns = yield NOW
@@ -179,18 +277,19 @@ def attempt(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:
     att = plan.begin(choice, now_ns)
     status: int | None = None
     error: BaseException | None = None
+    probe: bool | None = None
     try:
-        with ep.breaker.calling():
-            head: Head = yield _send(plan, ep, op.build(codec, choice.served_model), trace)
-            status = head.status
-            try:
-                body: bytes = yield _read(plan, head, ep, whole=True)
-            finally:
-                yield Close(head)
-            reply = WireResponse(head.status, head.headers, body)
-            if not is_answer(status):
-                raise _error(codec, reply, ep, plan, (yield WALL))
-            result = op.parse(codec, reply)
+        probe = ep.breaker.admit(now)
+        head: Head = yield _send(plan, ep, op.build(codec, choice.served_model), trace)
+        status = head.status
+        try:
+            body: bytes = yield _read(plan, head, ep, whole=True)
+        finally:
+            yield Close(head)
+        reply = WireResponse(head.status, head.headers, body)
+        if not is_answer(status):
+            raise _error(codec, reply, ep, plan, (yield WALL))
+        result = op.parse(codec, reply)
         if isinstance(result, Parsed):
             result.server_timings.update(codec.response_timings(reply.headers))
             plan.use(att)
@@ -201,6 +300,8 @@ def attempt(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:
         raise
     finally:
         now, now_ns = yield NOW
+        if probe is not None:
+            ep.breaker.settle(probe, error, now)
         plan.end(att, now, now_ns, error=error, status_code=status)
 
 
@@ -216,13 +317,36 @@ class Opened:
     #: When the current phase began (the attempt's start, then each chunk's arrival, or the
     #: moment the caller came back for more after taking chunks: its own time is not counted).
     phase_started: float | None = None
-    #: Set by the driver when it handed chunks to the caller.
-    handed_out: bool = False
 
     @property
     def endpoint(self) -> EndpointState:
         """Where the stream comes from."""
         return self.attempt.choice.endpoint
+
+
+def stream(plan: CallPlan, op: Op[Parsed], trace: Mapping[str, str],
+           make: Callable[[CallRecord, Piece], Any]) -> Steps[None]:  # fmt: skip
+    """A whole stream: opened and retried like a call until its first chunk, then each chunk
+    ``Deliver``ed as it comes. Once one reached the caller the call is never retried: a
+    failure then is ``StreamInterrupted``."""
+    opened = yield from _retrying(plan, partial(open_stream, plan, op, trace))
+    try:
+        while True:
+            pending, opened.pending = opened.pending, []
+            for piece in pending:
+                plan.delivered_chunk(piece.text)
+                yield Deliver(make(plan.record, piece))
+            if opened.eof:
+                return
+            if pending:  # the caller's own time between chunks is not the server's
+                opened.phase_started, _ = yield NOW
+            try:
+                yield from read_more(plan, opened)
+            except SharedOllamaError as exc:
+                now, _ = yield NOW
+                raise interrupted(plan, opened, exc, now) from exc
+    finally:
+        yield Close(opened.head)
 
 
 def open_stream(plan: CallPlan, op: Op[Parsed], trace: Mapping[str, str]) -> Steps[Opened]:
@@ -234,33 +358,35 @@ def open_stream(plan: CallPlan, op: Op[Parsed], trace: Mapping[str, str]) -> Ste
     assert codec is not None
     att = plan.begin(choice, now_ns)
     head: Head | None = None
+    probe: bool | None = None
     try:
-        with ep.breaker.calling():
-            head = yield _send(plan, ep, op.build(codec, choice.served_model), trace)
-            if not is_answer(head.status):
-                body: bytes = yield _read(plan, head, ep, whole=True)
-                reply = WireResponse(head.status, head.headers, body)
-                raise _error(codec, reply, ep, plan, (yield WALL))
-            plan.record.server_timings.update(codec.response_timings(head.headers))
-            kind: Literal["chat", "generate"] = "chat" if op.operation == "chat" else "generate"
-            opened = Opened(head, att, StreamState(plan, codec.stream_parser(kind)))
-            opened.phase_started = now
-            while not opened.pending and not opened.eof:
-                yield from read_more(plan, opened)
-        return opened
+        probe = ep.breaker.admit(now)
+        head = yield _send(plan, ep, op.build(codec, choice.served_model), trace)
+        if not is_answer(head.status):
+            body: bytes = yield _read(plan, head, ep, whole=True)
+            reply = WireResponse(head.status, head.headers, body)
+            raise _error(codec, reply, ep, plan, (yield WALL))
+        plan.record.server_timings.update(codec.response_timings(head.headers))
+        kind: Literal["chat", "generate"] = "chat" if op.operation == "chat" else "generate"
+        opened = Opened(head, att, StreamState(plan, codec.stream_parser(kind)))
+        opened.phase_started = now
+        while not opened.pending and not opened.eof:
+            yield from read_more(plan, opened)
     except BaseException as exc:
         if head is not None:
             yield Close(head)
         now, now_ns = yield NOW
+        if probe is not None:
+            ep.breaker.settle(probe, exc, now)
         plan.end(att, now, now_ns, error=exc, status_code=head.status if head else None)
         raise
+    now, _ = yield NOW
+    ep.breaker.settle(bool(probe), None, now)  # it answered: a chunk, or a whole short stream
+    return opened
 
 
 def read_more(plan: CallPlan, opened: Opened) -> Steps[None]:
     """Read the next bytes of an open stream into ``opened.pending``."""
-    if opened.handed_out:
-        opened.handed_out = False
-        opened.phase_started, _ = yield NOW
     read = _read(plan, opened.head, opened.endpoint, whole=False,
                  phase_started=opened.phase_started)  # fmt: skip
     data: bytes | None = yield read
@@ -276,14 +402,15 @@ def read_more(plan: CallPlan, opened: Opened) -> Steps[None]:
         opened.pending.extend(pieces)
 
 
-def interrupted(plan: CallPlan, opened: Opened, cause: SharedOllamaError) -> SharedOllamaError:
+def interrupted(plan: CallPlan, opened: Opened, cause: SharedOllamaError,
+                now: float) -> SharedOllamaError:  # fmt: skip
     """A stream broke after delivery: count it against the endpoint, never retry it.
 
     A stream ended by closing the client is no fault of the endpoint: ``ClientClosed`` as is.
     """
     if isinstance(cause, ClientClosed):
         return cause
-    opened.endpoint.breaker.record_failure(cause)
+    opened.endpoint.breaker.record_failure(cause, now)
     return plan.interrupted(cause)
 
 
@@ -330,10 +457,7 @@ def probe(ep: EndpointState, project: str, timeout: float, refresh_models: bool,
         if codec is None:
             return
         if health:
-            with ep.breaker.calling():
-                reply = yield from _simple(ep, codec.health(), project, timeout)
-                if reply.status >= 500:
-                    raise _error(codec, reply, ep, None)
+            yield from _health_check(ep, codec, project, timeout)
             ep.set_health("up")
         if refresh_models:
             listed = yield from _simple(ep, codec.list_models(), project, timeout)
@@ -346,6 +470,59 @@ def probe(ep: EndpointState, project: str, timeout: float, refresh_models: bool,
     except SharedOllamaError as exc:
         if health:
             ep.set_health("down", exc.message)
+
+
+def _health_check(ep: EndpointState, codec: Codec, project: str,
+                  timeout: float) -> Steps[None]:  # fmt: skip
+    now, _ = yield NOW
+    probe = ep.breaker.admit(now)
+    error: BaseException | None = None
+    try:
+        reply = yield from _simple(ep, codec.health(), project, timeout)
+        if reply.status >= 500:
+            raise _error(codec, reply, ep, None)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        now, _ = yield NOW
+        ep.breaker.settle(probe, error, now)
+
+
+def probe_all(endpoints: Sequence[EndpointState], project: str, timeout: float,
+              refresh_models: bool, health: bool) -> Steps[None]:  # fmt: skip
+    """Probe every endpoint at once (one slow endpoint does not hold up the others)."""
+    yield Gather([probe(ep, project, timeout, refresh_models, health) for ep in endpoints])
+
+
+def health_loop(endpoints: Sequence[EndpointState], project: str, policy: HealthPolicy,
+                rng: Any) -> Steps[None]:  # fmt: skip
+    """Probe the pool every ``interval_s`` (jittered), refreshing model lists now and then."""
+    last_models, _ = yield NOW
+    while True:
+        yield Sleep(next_probe_delay(policy, rng))
+        now, _ = yield NOW
+        refresh = now - last_models >= policy.models_refresh_s
+        if refresh:
+            last_models = now
+        yield from probe_all(endpoints, project, policy.timeout_s, refresh, True)
+
+
+def fan_out(plan: CallPlan, endpoints: Sequence[EndpointState], operation: str,
+            timeout: float) -> Steps[list[tuple[str, ListedModel]]]:  # fmt: skip
+    """``list``/``ps`` across the pool; fails only when every endpoint failed."""
+    parts = [list_one(ep, operation, plan.record.project, timeout) for ep in endpoints]
+    results = yield Gather(parts)
+    out: list[tuple[str, ListedModel]] = []
+    reasons: dict[str, str] = {}
+    for ep, res in zip(endpoints, results, strict=True):
+        if isinstance(res, SharedOllamaError):
+            reasons[ep.name] = res.message
+        else:
+            out.extend(res)
+    if reasons and len(reasons) == len(endpoints):
+        raise NoEndpointAvailable(f"no endpoint answered {operation}", reasons=reasons)
+    return out
 
 
 def list_one(ep: EndpointState, operation: str, project: str,

@@ -1,16 +1,16 @@
 """The circuit breaker of one endpoint: pybreaker's state machine plus a half-open gate.
 
-pybreaker has no asyncio support, so both drivers use ``with breaker.calling():`` around
-their own I/O; only ``SharedOllamaError``s marked ``breaker_failure`` count as failures,
-other ``SharedOllamaError``s as successes, and anything else (cancellation) not at all.
+pybreaker has no asyncio support and stamps its own ``datetime.now()``, so the call steps
+drive it with ``admit(now)`` before an attempt and ``settle(probe, error, now)`` after it,
+``now`` being the monotonic seconds the drivers read for the steps. Only
+``SharedOllamaError``s marked ``breaker_failure`` count as failures, other
+``SharedOllamaError``s as successes, and anything else (cancellation) not at all. The open
+state's timeout is ours, on that clock: pybreaker's wall-clock stamp is never read.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, Literal, TypeAlias
 
 import pybreaker
@@ -52,21 +52,16 @@ class _Listener(pybreaker.CircuitBreakerListener):
 class EndpointBreaker:
     """Breaker for one endpoint; thread-safe; state changes become ``PoolEvent``s."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        policy: BreakerPolicy,
-        *,
-        clock_ns: Callable[[], int] = time.monotonic_ns,
-    ) -> None:
+    def __init__(self, endpoint: str, policy: BreakerPolicy) -> None:
         self.endpoint = endpoint
         self.policy = policy
-        self._clock_ns = clock_ns
+        #: The time given with the operation in progress (stamps its state changes).
+        self._now = 0.0
         self._lock = threading.Lock()
         self._events: list[PoolEvent] = []
         self._probing = False
-        #: When the breaker last opened, on ``clock_ns`` (monotonic).
-        self._opened_ns: int | None = None
+        #: When the breaker last opened (monotonic seconds).
+        self._opened_at: float | None = None
         self._cb = pybreaker.CircuitBreaker(
             fail_max=policy.failure_threshold,
             reset_timeout=policy.reset_timeout_s,
@@ -88,62 +83,38 @@ class EndpointBreaker:
         """Consecutive failures counted so far."""
         return int(self._cb.fail_counter)
 
-    def seconds_until_probe(self) -> float:
+    def seconds_until_probe(self, now: float) -> float:
         """Seconds until an open breaker admits a probe (0 when it would now)."""
-        if self.state != "open" or self._opened_ns is None:
+        if self.state != "open" or self._opened_at is None:
             return 0.0
-        # On our monotonic clock, not pybreaker's ``datetime.now()`` stamp: a wall clock
+        # On the monotonic clock, not pybreaker's ``datetime.now()`` stamp: a wall clock
         # stepped back an hour would otherwise keep the breaker open for an hour more.
-        elapsed = (self._clock_ns() - self._opened_ns) / 1e9
-        return max(0.0, self.policy.reset_timeout_s - elapsed)
+        return max(0.0, self.policy.reset_timeout_s - (now - self._opened_at))
 
-    def admits(self) -> tuple[bool, str | None]:
-        """Whether a call may be sent now, and if not, why."""
+    def admits(self, now: float) -> tuple[bool, str | None]:
+        """Whether a call may be sent at ``now``, and if not, why."""
         with self._lock:
-            why = self._refusal(self.state)
+            why = self._refusal(self.state, now)
         return why is None, why
 
-    def _refusal(self, state: BreakerState) -> str | None:
+    def _refusal(self, state: BreakerState, now: float) -> str | None:
         """Why no attempt may be sent in ``state`` now (None: one may); hold ``_lock``."""
-        if state == "open" and (wait := self.seconds_until_probe()) > 0:
+        if state == "open" and (wait := self.seconds_until_probe(now)) > 0:
             return f"circuit open (probe in {wait:.1f}s)"
         if state != "closed" and self._probing:
             return "circuit half-open, probe in flight"
         return None
 
     # -- calls ------------------------------------------------------------------------
-    @contextmanager
-    def calling(self) -> Iterator[None]:
-        """Guard one attempt; a half-open breaker admits a single probe at a time.
+    def admit(self, now: float) -> bool:
+        """Admit an attempt or raise ``CircuitOpen``; True when it is the half-open probe.
 
-        The outcome is judged here, not by pybreaker's ``calling()``: pybreaker has only
-        success and failure, so a cancelled attempt (a hedging loser, a caller giving up)
-        would count as a success, reset the failure count and close a half-open breaker on
-        no evidence. Here it changes nothing, and a half-open breaker admits the next probe.
+        Every admitted attempt is then ``settle``d, once.
         """
-        probe = self._admit()
-        try:
-            yield
-        except ClientClosed:
-            raise  # our own close: proves nothing about the endpoint
-        except SharedOllamaError as exc:
-            if exc.breaker_failure:
-                self.record_failure(exc)
-            else:
-                self._record_success(probe)  # the endpoint answered (4xx, 429): it is alive
-            raise
-        else:
-            self._record_success(probe)
-        finally:
-            if probe:
-                with self._lock:
-                    self._probing = False
-
-    def _admit(self) -> bool:
-        """Admit an attempt or raise ``CircuitOpen``; True when it is the half-open probe."""
         with self._lock:
+            self._now = now
             state = self.state
-            if (why := self._refusal(state)) is not None:
+            if (why := self._refusal(state, now)) is not None:
                 raise CircuitOpen(why, endpoint=self.endpoint)
             if state == "closed":
                 return False
@@ -152,18 +123,47 @@ class EndpointBreaker:
             self._cb.half_open()  # outside our lock: the listener takes it to record the event
         return True
 
-    def _record_success(self, probe: bool) -> None:
+    def settle(self, probe: bool, error: BaseException | None, now: float) -> None:
+        """Judge an admitted attempt's outcome.
+
+        Judged here, not by pybreaker's ``calling()``: pybreaker has only success and
+        failure, so a cancelled attempt (a hedging loser, a caller giving up) would count as
+        a success, reset the failure count and close a half-open breaker on no evidence. Here
+        it changes nothing, and a half-open breaker admits the next probe. Our own close
+        (``ClientClosed``) proves nothing about the endpoint either.
+        """
+        try:
+            if error is None:
+                self._record_success(probe, now)
+            elif isinstance(error, SharedOllamaError) and not isinstance(error, ClientClosed):
+                if error.breaker_failure:
+                    self.record_failure(error, now)
+                else:  # the endpoint answered (4xx, 429): it is alive
+                    self._record_success(probe, now)
+        finally:
+            if probe:
+                with self._lock:
+                    self._probing = False
+
+    def _record_success(self, probe: bool, now: float) -> None:
         # Only the probe may close a half-open breaker; a call admitted before the breaker
         # opened proves less about now. An open breaker stays open until its probe.
         # Under pybreaker's (reentrant) lock, so the state cannot change between the check
         # and the record: an open breaker would otherwise raise, or take this for its probe.
         with self._cb._lock:
+            self._now = now
             state = self.state
             if state == "closed" or (probe and state == "half_open"):
                 self._cb.call(_answered)
 
-    def record_failure(self, exc: SharedOllamaError) -> None:
-        """Count a failure seen outside ``calling()`` (e.g. a stream cut mid-way)."""
+    def record_failure(self, exc: SharedOllamaError, now: float) -> None:
+        """Count a failure (also one seen after the attempt, e.g. a stream cut mid-way)."""
+        with self._lock:
+            self._now = now
+            if self.state == "open":
+                # Already open; pybreaker's open state would judge its timeout on its wall
+                # clock here (and might go half-open): ours is the only timeout.
+                return
         try:
             with self._cb.calling():
                 raise exc
@@ -179,9 +179,9 @@ class EndpointBreaker:
     def _on_change(self, old: BreakerState, new: BreakerState) -> None:
         if old == new:
             return
-        now_ns = self._clock_ns()
+        now = self._now
         if new == "open":
-            self._opened_ns = now_ns
-        event = PoolEvent("breaker", self.endpoint, old, new, now_ns)
+            self._opened_at = now
+        event = PoolEvent("breaker", self.endpoint, old, new, int(now * 1e9))
         with self._lock:
             self._events.append(event)

@@ -140,9 +140,9 @@ class Pool:
         if ep.health == "down":
             interval = self.config.health.interval_s
             return f"down ({ep.last_error or 'health probe failed'})", interval, False
-        admits, why = ep.breaker.admits()
+        admits, why = ep.breaker.admits(now)
         if not admits:
-            return why, max(ep.breaker.seconds_until_probe(), _SATURATED_RECHECK_S), False
+            return why, max(ep.breaker.seconds_until_probe(now), _SATURATED_RECHECK_S), False
         if ep.backoff_until > now:
             wait = ep.backoff_until - now
             return f"backing off {wait:.1f}s (server asked: Retry-After)", wait, False

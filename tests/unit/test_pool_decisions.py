@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from tenacity import RetryCallState, Retrying
@@ -67,7 +70,7 @@ def test_priority_uses_next_tier_only_when_first_is_unavailable() -> None:
     assert picks(pool, 50) == {"1": 50}
     primary = pool.endpoints[0]
     for _ in range(3):
-        primary.breaker.record_failure(ConnectError("down"))
+        primary.breaker.record_failure(ConnectError("down"), 0.0)
     assert primary.breaker.state == "open"
     assert picks(pool, 50) == {"2": 50}
 
@@ -143,23 +146,32 @@ def test_breaker_counts_only_endpoint_faults() -> None:
     state = make_pool(ep(1)).endpoints[0]
     br = state.breaker
     for exc in (InvalidRequest("bad"), RateLimited("slow down"), ModelNotFound("x")):
-        br.record_failure(exc)  # type: ignore[arg-type]
+        br.record_failure(exc, 0.0)  # type: ignore[arg-type]
     assert br.state == "closed" and br.failures == 0
-    br.record_failure(ServerError("boom"))
-    br.record_failure(ConnectError("refused"))
+    br.record_failure(ServerError("boom"), 0.0)
+    br.record_failure(ConnectError("refused"), 0.0)
     assert br.failures == 2 and br.state == "closed"
-    br.record_failure(ServerError("boom"))
+    br.record_failure(ServerError("boom"), 0.0)
     assert br.state == "open"
     events = br.drain_events()
     assert [(e.old, e.new) for e in events] == [("closed", "open")]
 
 
 def _age_open_breaker(br: object, seconds: float) -> None:
-    # Move the opening time into the past instead of waiting for the reset timeout: ours on
-    # the monotonic clock, and pybreaker's UTC stamp to match.
-    br._opened_ns -= int(seconds * 1e9)  # type: ignore[attr-defined]
-    storage = br._cb._state_storage  # type: ignore[attr-defined]
-    storage.opened_at = datetime.now(UTC) - timedelta(seconds=seconds)
+    # Move the opening time into the past instead of passing a later ``now`` everywhere.
+    br._opened_at -= seconds  # type: ignore[attr-defined]
+
+
+@contextmanager
+def calling(br: Any, now: float = 0.0) -> Iterator[None]:
+    """What the call steps do around one attempt: ``admit``, then ``settle`` its outcome."""
+    probe = br.admit(now)
+    try:
+        yield
+    except BaseException as exc:
+        br.settle(probe, exc, now)
+        raise
+    br.settle(probe, None, now)
 
 
 def test_breaker_waits_on_the_monotonic_clock_not_the_wall_clock() -> None:
@@ -168,33 +180,33 @@ def test_breaker_waits_on_the_monotonic_clock_not_the_wall_clock() -> None:
     from shared_ollama.config import BreakerPolicy
     from shared_ollama.pool.breaker import EndpointBreaker
 
-    now_ns = [10**12]
-    br = EndpointBreaker("http://a", BreakerPolicy(failure_threshold=1, reset_timeout_s=10),
-                         clock_ns=lambda: now_ns[0])  # fmt: skip
-    br.record_failure(ServerError("boom"))
+    br = EndpointBreaker("http://a", BreakerPolicy(failure_threshold=1, reset_timeout_s=10))
+    br.record_failure(ServerError("boom"), 1000.0)
     assert br.state == "open"
     storage = br._cb._state_storage
     storage.opened_at = datetime.now(UTC) + timedelta(hours=1)  # the wall clock went back 1 h
-    assert br.admits()[0] is False and br.seconds_until_probe() == pytest.approx(10.0)
-    now_ns[0] += 9 * 10**9
-    assert br.seconds_until_probe() == pytest.approx(1.0)
-    now_ns[0] += 1 * 10**9
-    assert br.admits() == (True, None)
+    assert br.admits(1000.0)[0] is False and br.seconds_until_probe(1000.0) == pytest.approx(10)
+    assert br.seconds_until_probe(1009.0) == pytest.approx(1.0)
+    assert br.admits(1010.0) == (True, None)
+    # A failure reported while it is open changes nothing (pybreaker would judge its own
+    # wall-clock timeout here).
+    br.record_failure(ServerError("boom"), 1010.0)
+    assert br.state == "open" and br.admits(1010.0) == (True, None)
 
 
 def test_breaker_half_open_admits_one_probe_then_closes() -> None:
     state = make_pool(ep(1)).endpoints[0]
     br = state.breaker
     for _ in range(3):
-        br.record_failure(ServerError("boom"))
-    ok, why = br.admits()
+        br.record_failure(ServerError("boom"), 0.0)
+    ok, why = br.admits(0.0)
     assert not ok and why is not None and "circuit open" in why
     _age_open_breaker(br, 11)
-    assert br.admits() == (True, None)
-    with br.calling():
+    assert br.admits(0.0) == (True, None)
+    with calling(br):
         # While the probe is in flight nobody else is admitted.
-        assert br.admits()[0] is False
-        with pytest.raises(CircuitOpen), br.calling():
+        assert br.admits(0.0)[0] is False
+        with pytest.raises(CircuitOpen), calling(br):
             pass
     assert br.state == "closed"
     assert [(e.old, e.new) for e in br.drain_events()][-2:] == [
@@ -206,9 +218,9 @@ def test_breaker_half_open_admits_one_probe_then_closes() -> None:
 def test_breaker_failed_probe_reopens() -> None:
     br = make_pool(ep(1)).endpoints[0].breaker
     for _ in range(3):
-        br.record_failure(ServerError("boom"))
+        br.record_failure(ServerError("boom"), 0.0)
     _age_open_breaker(br, 11)
-    with pytest.raises(ServerError), br.calling():
+    with pytest.raises(ServerError), calling(br):
         raise ServerError("still down")
     assert br.state == "open"
 
@@ -216,45 +228,43 @@ def test_breaker_failed_probe_reopens() -> None:
 def test_breaker_cancelled_probe_changes_nothing() -> None:
     br = make_pool(ep(1)).endpoints[0].breaker
     for _ in range(3):
-        br.record_failure(ServerError("boom"))
+        br.record_failure(ServerError("boom"), 0.0)
     _age_open_breaker(br, 11)
     br.drain_events()
     # pybreaker alone would count the cancellation as a success and close the breaker.
-    with pytest.raises(asyncio.CancelledError), br.calling():
+    with pytest.raises(asyncio.CancelledError), calling(br):
         raise asyncio.CancelledError
     assert br.state == "half_open"
     assert [(e.old, e.new) for e in br.drain_events()] == [("open", "half_open")]
-    assert br.admits() == (True, None)  # the gate is free for the next probe
-    with br.calling():
+    assert br.admits(0.0) == (True, None)  # the gate is free for the next probe
+    with calling(br):
         pass
     assert br.state == "closed"
 
 
 def test_breaker_cancellation_keeps_the_failure_count() -> None:
     br = make_pool(ep(1)).endpoints[0].breaker
-    br.record_failure(ServerError("boom"))
-    br.record_failure(ServerError("boom"))
+    br.record_failure(ServerError("boom"), 0.0)
+    br.record_failure(ServerError("boom"), 0.0)
     for exc in (asyncio.CancelledError(), GeneratorExit(), KeyboardInterrupt()):
-        with pytest.raises(type(exc)), br.calling():
+        with pytest.raises(type(exc)), calling(br):
             raise exc
     assert br.failures == 2 and br.state == "closed"
-    with pytest.raises(RateLimited), br.calling():
+    with pytest.raises(RateLimited), calling(br):
         raise RateLimited("slow down")  # an answer from the endpoint: it is alive
     assert br.failures == 0
 
 
 def test_breaker_only_the_probe_closes_a_half_open_breaker() -> None:
     br = make_pool(ep(1)).endpoints[0].breaker
-    early = br.calling()
-    early.__enter__()  # admitted while closed, still in flight when the breaker opens
+    early = br.admit(0.0)  # admitted while closed, still in flight when the breaker opens
     for _ in range(3):
-        br.record_failure(ServerError("boom"))
+        br.record_failure(ServerError("boom"), 0.0)
     _age_open_breaker(br, 11)
-    probe = br.calling()
-    probe.__enter__()
-    early.__exit__(None, None, None)  # succeeds late: proves less than the probe will
+    probe = br.admit(0.0)
+    br.settle(early, None, 0.0)  # succeeds late: proves less than the probe will
     assert br.state == "half_open"
-    probe.__exit__(None, None, None)
+    br.settle(probe, None, 0.0)
     assert br.state == "closed"
 
 
@@ -343,7 +353,7 @@ def test_plan_waits_for_recovery_then_names_every_endpoint() -> None:
     pool = make_pool(ep(1), ep(2))
     for state in pool.endpoints:
         for _ in range(3):
-            state.breaker.record_failure(ConnectError("refused"))
+            state.breaker.record_failure(ConnectError("refused"), 0.0)
     plan = make_plan(pool, total=30.0)
     with pytest.raises(WaitingForEndpoint) as waiting:
         plan.choose(0.0)
