@@ -19,6 +19,7 @@ from ._core import steps
 from ._core.plan import CallPlan, RetryBudget
 from ._core.requests import Op
 from ._core.steps import Steps
+from ._transport import client_kwargs
 from .config import (
     BreakerPolicy,
     Budget,
@@ -46,6 +47,7 @@ log = logging.getLogger("shared_ollama")
 EndpointLike: TypeAlias = Endpoint | str | Mapping[str, Any]
 TransportT = TypeVar("TransportT")
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 class NotGiven(Enum):
@@ -170,6 +172,26 @@ class BaseClient(Generic[TransportT]):
     def _open_connections(self, transport: TransportT | None) -> None:
         """Create the driver's httpx client per endpoint (each driver its own kind)."""
         raise NotImplementedError
+
+    def _clients(self, factory: Callable[..., C], transport: TransportT | None) -> dict[str, C]:
+        """One httpx client per endpoint; a slot given back wakes the calls waiting for one."""
+        for ep in self._pool.endpoints:
+            ep.on_release = self._wake_slot_waiters
+        timeouts = self.config.timeouts
+        return {
+            ep.url: factory(transport=transport, **client_kwargs(ep.config, timeouts))
+            for ep in self._pool.endpoints
+        }
+
+    def _wake_slot_waiters(self) -> None:
+        """An endpoint gave a slot back (each driver wakes its waiters its own way)."""
+
+    def _starting(self) -> Steps[None] | None:
+        """The start-up probes, the first time only (``start`` is idempotent)."""
+        if self._started:
+            return None
+        self._started = True
+        return self._probe_steps()
 
     @classmethod
     def from_config(

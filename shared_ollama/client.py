@@ -39,7 +39,7 @@ from ._core.steps import (
     Steps,
     StreamAbandoned,
 )
-from ._transport import client_kwargs, map_transport_error, to_httpx
+from ._transport import map_transport_error, to_httpx
 from ._watchdog import Alarm, Watchdog, watch_transport
 from .errors import ClientClosed, ProtocolError, SharedOllamaError, Timeout
 from .types import (
@@ -187,16 +187,9 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
     _health_task: asyncio.Task[None] | None = None
 
     def _open_connections(self, transport: httpx.AsyncBaseTransport | None) -> None:
-        self._http = {
-            ep.url: httpx.AsyncClient(
-                transport=transport, **client_kwargs(ep.config, self.config.timeouts)
-            )
-            for ep in self._pool.endpoints
-        }
+        self._http = self._clients(httpx.AsyncClient, transport)
         #: Resolved when an endpoint gives a slot back: calls waiting for one re-route at once.
         self._slot_freed: asyncio.Future[None] | None = None
-        for ep in self._pool.endpoints:
-            ep.on_release = self._wake_slot_waiters
         #: Tasks inside a send, read or sleep now (a count: hedges nest), and those close
         #: cancelled.
         self._performing: dict[asyncio.Task[Any], int] = {}
@@ -229,10 +222,9 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
 
     async def start(self) -> None:
         """Detect protocols, discover models and start health probes (idempotent)."""
-        if self._started:
+        if (probes := self._starting()) is None:
             return
-        self._started = True
-        await self._run(self._probe_steps())
+        await self._run(probes)
         if self.config.health.enabled:
             loop = asyncio.get_running_loop()
             self._health_task = loop.create_task(self._run(self._health_steps()))
@@ -614,12 +606,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
     _workers: ThreadPoolExecutor | None = None
 
     def _open_connections(self, transport: httpx.BaseTransport | None) -> None:
-        self._http = {
-            ep.url: httpx.Client(
-                transport=transport, **client_kwargs(ep.config, self.config.timeouts)
-            )
-            for ep in self._pool.endpoints
-        }
+        self._http = self._clients(httpx.Client, transport)
         #: Set when the client starts closing: waits (backoffs, the health loop) end at once.
         self._stop = threading.Event()
         self._workers_lock = threading.Lock()
@@ -628,8 +615,6 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         #: Calls waiting for a free slot sleep on this; a release wakes them.
         self._slot_freed = threading.Condition()
         self._slot_waiters = 0
-        for ep in self._pool.endpoints:
-            ep.on_release = self._wake_slot_waiters
         watched = [watch_transport(http) for http in self._http.values()]
         self._watched = any(watched)
 
@@ -660,10 +645,9 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
 
     def start(self) -> None:
         """Detect protocols, discover models and start health probes (idempotent)."""
-        if self._started:
+        if (probes := self._starting()) is None:
             return
-        self._started = True
-        self._run(self._probe_steps())
+        self._run(probes)
         if self.config.health.enabled:
             self._health_thread = threading.Thread(
                 target=self._health, name="shared_ollama-health", daemon=True
