@@ -62,8 +62,8 @@ STREAM = [
     ndjson({"model": "m", "message": {"role": "assistant", "content": "hel"}, "done": False}),
     ndjson({"model": "m", "message": {"role": "assistant", "content": "lo"}, "done": False}),
     ndjson({"model": "m", "message": {"role": "assistant", "content": ""}, "done": True,
-            "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 2}),  # fmt: skip
-]
+            "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 2}),
+]  # fmt: skip
 
 
 @dataclass
