@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.realservers.fixtures import HOSTILE, report_line
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,6 +28,7 @@ def test_close_with_200_calls_in_flight(mode: str, tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    report_line(f"close with 200 calls in flight [{mode}]: {result}", HOSTILE)
     assert result["ends"] == {"ClientClosed": 180, "abandoned-ClientClosed": 20}, result
     assert result["ledger"] == {"error:ClientClosed": 200}, result
     assert result["sockets"] == 0, result

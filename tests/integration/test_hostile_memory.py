@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.hostile import HostileServer
+from tests.realservers.fixtures import HOSTILE, report_line
 
 GIB = 1024**3
 PIECE = 1024 * 1024
@@ -75,6 +76,12 @@ def run_child(case: str, client: str, seconds: float = 0.0) -> dict[str, object]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    chunks = f", {result['chunks']} chunks" if result.get("chunks") else ""
+    report_line(
+        f"{case} [{client}]: {result['error'] or 'no error'}{chunks}, "
+        f"child RSS +{result['growth_mib']:.1f} MiB",
+        HOSTILE,
+    )
     return result
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from shared_ollama import Endpoint, RetryPolicy, Timeout, Timeouts
 from tests.hostile import HostileServer, http_reply
+from tests.realservers.fixtures import HOSTILE, report_line
 
 GAP_S = 0.25  # between two trickled bytes: far below every per-read timeout here
 LISTING = http_reply(200, b'{"models": []}')
@@ -69,6 +70,10 @@ async def run(make_driver: Any, case: str, timeouts: Timeouts) -> tuple[BaseExce
                     error = exc
             elapsed = time.monotonic() - started
     assert error is not None
+    name = type(error).__name__
+    client = "sync" if d.sync else "async"
+    bounds = f"first_chunk_s={timeouts.first_chunk_s}, total_s={timeouts.total_s}"
+    report_line(f"trickled {case} [{client}]: {name} after {elapsed:.2f} s ({bounds})", HOSTILE)
     return error, elapsed
 
 

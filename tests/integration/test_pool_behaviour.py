@@ -28,6 +28,7 @@ from shared_ollama import (
 from shared_ollama.records import CallRecord
 from shared_ollama.testing import FakeEngine, TimingModel
 from tests.conftest import FAST, client_kwargs
+from tests.realservers.fixtures import HOSTILE, report_line
 
 MODEL = "fake-llama"
 MESSAGES = [{"role": "user", "content": "hi there"}]
@@ -255,6 +256,12 @@ async def test_dead_pool_answers_within_the_no_endpoint_wait(make_driver: Any) -
             with pytest.raises((ConnectError, NoEndpointAvailable)) as info:
                 await d.call("chat", model="m", messages=MESSAGES)
             seen.append((type(info.value).__name__, time.monotonic() - started))
+    report_line(
+        f"dead pool [{'sync' if d.sync else 'async'}]: "
+        + ", ".join(f"{name} {elapsed:.2f} s" for name, elapsed in seen)
+        + f" (no_endpoint_s={timeouts.no_endpoint_s}, total_s={timeouts.total_s})",
+        HOSTILE,
+    )
     assert seen[-1][0] == "NoEndpointAvailable", seen
     assert max(elapsed for _, elapsed in seen) < timeouts.total_s / 10, seen
 

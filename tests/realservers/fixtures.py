@@ -74,12 +74,15 @@ def unavailable(reason: str) -> NoReturn:
 DROP_TRIES = 10
 
 
-_REPORT: list[str] = []
+_REPORT: dict[str, list[str]] = {}
+#: The summary section of the figures the hostile-server tests measured.
+HOSTILE = "hostile servers"
 
 
-def report_line(line: str) -> None:
-    """A fact about the real servers of this run, printed in pytest's closing summary."""
-    _REPORT.append(line)
+def report_line(line: str, section: str = "real servers") -> None:
+    """A fact measured in this run (real servers, hostile servers), printed in pytest's
+    closing summary under ``section``."""
+    _REPORT.setdefault(section, []).append(line)
 
 
 def _or_unavailable(make: Callable[[], T]) -> T:
@@ -112,9 +115,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _REPORT:
-        terminalreporter.section("real servers")
-        for line in _REPORT:
+    for section, lines in _REPORT.items():
+        terminalreporter.section(section)
+        for line in lines:
             terminalreporter.line(line)
 
 
