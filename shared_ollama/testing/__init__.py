@@ -5,9 +5,10 @@ Standalone: imports nothing else from ``shared_ollama``. Needs the ``testing`` e
 (starlette, uvicorn). See ``docs/fake_engine.md``.
 """
 
+from ._calls import CallCounter
 from ._engine import FakeEngine
 from ._faults import Fault, Faults
 from ._stats import EngineStats
 from ._timing import TimingModel
 
-__all__ = ["EngineStats", "FakeEngine", "Fault", "Faults", "TimingModel"]
+__all__ = ["CallCounter", "EngineStats", "FakeEngine", "Fault", "Faults", "TimingModel"]
