@@ -19,7 +19,7 @@ from ._core import steps
 from ._core.plan import CallPlan, RetryBudget
 from ._core.requests import Op
 from ._core.steps import Steps
-from ._transport import client_kwargs
+from ._transport import Connection, transport_options
 from .config import (
     BreakerPolicy,
     Budget,
@@ -47,7 +47,6 @@ log = logging.getLogger("shared_ollama")
 EndpointLike: TypeAlias = Endpoint | str | Mapping[str, Any]
 TransportT = TypeVar("TransportT")
 T = TypeVar("T")
-C = TypeVar("C")
 
 
 class NotGiven(Enum):
@@ -173,13 +172,20 @@ class BaseClient(Generic[TransportT]):
         """Create the driver's httpx client per endpoint (each driver its own kind)."""
         raise NotImplementedError
 
-    def _clients(self, factory: Callable[..., C], transport: TransportT | None) -> dict[str, C]:
-        """One httpx client per endpoint; a slot given back wakes the calls waiting for one."""
+    def _connections(
+        self, factory: Callable[..., TransportT], transport: TransportT | None
+    ) -> dict[str, Connection]:
+        """One httpx transport per endpoint (or the caller's one for all); a slot given back
+        wakes the calls waiting for one."""
         for ep in self._pool.endpoints:
             ep.on_release = self._wake_slot_waiters
         timeouts = self.config.timeouts
         return {
-            ep.url: factory(transport=transport, **client_kwargs(ep.config, timeouts))
+            ep.url: Connection(
+                ep.config,
+                timeouts,
+                transport if transport is not None else factory(**transport_options(ep.config)),
+            )
             for ep in self._pool.endpoints
         }
 

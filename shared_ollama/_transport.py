@@ -1,13 +1,20 @@
-"""httpx glue shared by both drivers: clients per endpoint, requests, error mapping.
+"""httpx glue shared by both drivers: transports per endpoint, requests, error mapping.
 
-Only this module and ``client.py`` import httpx; everything here is synchronous and pure
-apart from building the (not yet sent) httpx objects.
+The drivers send through httpx's transports directly, below ``httpx.AsyncClient``: its
+layers (auth and redirect loops, cookies, event hooks, URL merging) cost about as much as
+the transport itself per call and give this library nothing. What they did give is here:
+proxies (explicit or from the environment, ``NO_PROXY`` honoured), TLS settings, limits
+and per-request timeouts. Only this module, ``_watchdog`` and ``client.py`` import httpx.
 """
 
 from __future__ import annotations
 
+import ssl
+import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -21,44 +28,118 @@ from .errors import (
 )
 from .protocols import WireRequest
 
-__all__ = ["client_kwargs", "map_transport_error", "to_httpx"]
+__all__ = [
+    "Connection",
+    "env_proxy",
+    "map_transport_error",
+    "timeout_extension",
+    "transport_options",
+]
 
 USER_AGENT = f"shared-ollama/{__version__}"
+# The standard library's NO_PROXY matching (host, domain suffix, host:port, "*"), the one
+# ``requests`` uses; typeshed does not list it.
+_proxy_bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+_DEFAULT_HEADERS = {"accept": "*/*", "user-agent": USER_AGENT}
 
 
-def client_kwargs(endpoint: Endpoint, timeouts: Timeouts) -> dict[str, Any]:
-    """Arguments for the (Async)Client of one endpoint: its pool limits and deadlines."""
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment sets for ``url`` (``HTTP_PROXY``, ``HTTPS_PROXY``,
+    ``ALL_PROXY``, lower or upper case), or None when there is none or ``NO_PROXY`` exempts
+    its host: the variables ``httpx`` and ``requests`` read, with the standard library's
+    reading of them."""
+    proxies = urllib.request.getproxies_environment()
+    parts = urlsplit(url)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    if _proxy_bypass(netloc, proxies):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def _ssl_verify(endpoint: Endpoint) -> ssl.SSLContext | bool:
+    if endpoint.cert is None and not isinstance(endpoint.verify, str):
+        return endpoint.verify  # httpx builds its default context (SSL_CERT_* with trust_env)
+    verify = endpoint.verify
+    if isinstance(verify, str):
+        path = Path(verify)
+        context = ssl.create_default_context(
+            cafile=str(path) if path.is_file() else None,
+            capath=str(path) if path.is_dir() else None,
+        )
+    elif verify:
+        context = httpx.create_ssl_context(trust_env=endpoint.trust_env)
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if endpoint.cert is not None:
+        certfile, keyfile = (
+            (endpoint.cert, None) if isinstance(endpoint.cert, str) else endpoint.cert
+        )
+        context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def transport_options(endpoint: Endpoint) -> dict[str, Any]:
+    """What ``httpx.AsyncClient`` would have given the endpoint's transport: TLS settings,
+    the proxy (explicit, else from the environment), connection limits."""
+    proxy = endpoint.proxy.get_secret_value() if endpoint.proxy is not None else None
+    if proxy is None and endpoint.trust_env:
+        proxy = env_proxy(endpoint.url)
     return {
-        "base_url": endpoint.url,
+        "verify": _ssl_verify(endpoint),
+        "trust_env": endpoint.trust_env,
+        "proxy": proxy,
         "limits": httpx.Limits(
             max_connections=endpoint.max_connections,
-            max_keepalive_connections=endpoint.max_connections,
+            max_keepalive_connections=min(endpoint.max_keepalive, endpoint.max_connections),
         ),
-        "timeout": httpx.Timeout(
-            connect=timeouts.connect_s,
-            read=timeouts.first_chunk_s,
-            write=timeouts.connect_s,
-            pool=timeouts.first_chunk_s,
-        ),
-        "headers": {"user-agent": USER_AGENT},
-        "follow_redirects": False,
     }
 
 
-def to_httpx(
-    client: httpx.Client | httpx.AsyncClient,
-    wire: WireRequest,
-    headers: Mapping[str, str],
-    timeout: httpx.Timeout | None = None,
-) -> httpx.Request:
-    """Build (not send) the httpx request for ``wire``."""
-    merged = {**headers, **wire.headers}
-    kwargs: dict[str, Any] = {"headers": merged}
-    if wire.json is not None:
-        kwargs["json"] = wire.json
-    if timeout is not None:
-        kwargs["timeout"] = timeout
-    return client.build_request(wire.method, wire.path, **kwargs)
+def timeout_extension(connect: float | None, read: float | None) -> dict[str, float | None]:
+    """httpcore's per-request timeouts (what an ``httpx.Timeout`` becomes in a request); a
+    read bound shorter than the connect one shortens that too."""
+    if read is not None and connect is not None:
+        connect = min(connect, read)
+    return {"connect": connect, "read": read, "write": connect, "pool": read}
+
+
+class Connection:
+    """One endpoint's httpx transport, and the request building that ``httpx.AsyncClient``
+    did: its URLs (parsed once per path), default headers and timeouts. Requests go straight
+    to the transport: redirects are never followed (a 3xx is a typed error upstream), there
+    are no cookies, auth flows or event hooks to run."""
+
+    __slots__ = ("_urls", "base", "timeout", "transport")
+
+    def __init__(self, endpoint: Endpoint, timeouts: Timeouts, transport: Any) -> None:
+        self.transport = transport
+        self.base = endpoint.url
+        self.timeout = timeout_extension(timeouts.connect_s, timeouts.first_chunk_s)
+        self._urls: dict[str, httpx.URL] = {}
+
+    def request(
+        self,
+        wire: WireRequest,
+        headers: Mapping[str, str],
+        timeout: Mapping[str, float | None] | None = None,
+    ) -> httpx.Request:
+        """Build (not send) the request for ``wire``."""
+        url = self._urls.get(wire.path)
+        if url is None:
+            url = self._urls[wire.path] = httpx.URL(self.base + wire.path)
+        merged = {**_DEFAULT_HEADERS, **headers, **wire.headers}
+        extensions = {"timeout": timeout or self.timeout}
+        if wire.json is None:
+            return httpx.Request(wire.method, url, headers=merged, extensions=extensions)
+        return httpx.Request(
+            wire.method, url, headers=merged, json=wire.json, extensions=extensions
+        )
 
 
 def map_transport_error(

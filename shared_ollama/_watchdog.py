@@ -110,10 +110,9 @@ class _WatchedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def watch_transport(client: httpx.Client) -> bool:
-    """Route ``client``'s default transport through the watched backend; False when the
+def watch_transport(transport: httpx.BaseTransport) -> bool:
+    """Route ``transport``'s connections through the watched backend; False when the
     transport is not httpx's own (a caller's MockTransport, say), which needs no watchdog."""
-    transport = getattr(client, "_transport", None)
     pool = getattr(transport, "_pool", None)
     backend = getattr(pool, "_network_backend", None)
     if not isinstance(transport, httpx.HTTPTransport) or backend is None:

@@ -39,7 +39,7 @@ from ._core.steps import (
     Steps,
     StreamAbandoned,
 )
-from ._transport import map_transport_error, to_httpx
+from ._transport import map_transport_error, timeout_extension
 from ._watchdog import Alarm, Watchdog, watch_transport
 from .errors import ClientClosed, ProtocolError, SharedOllamaError, Timeout
 from .types import (
@@ -160,8 +160,18 @@ def _transport_error(op: Send | Read, exc: Exception) -> SharedOllamaError:
 
 
 def _head(resp: httpx.Response) -> Head:
-    headers = {k.lower(): v for k, v in resp.headers.items()}
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.headers.raw}
     return Head(resp.status_code, headers, _Reply(resp), time.monotonic_ns())
+
+
+def _content(resp: httpx.Response) -> Any:
+    """A whole body's bytes: straight from the transport, decoded only where the server
+    compressed it (a stream's bytes are always taken raw)."""
+    if resp.headers.get("content-encoding", "identity") == "identity":
+        return resp.stream
+    return (
+        resp.aiter_bytes() if isinstance(resp.stream, httpx.AsyncByteStream) else resp.iter_bytes()
+    )
 
 
 def _gathered(results: Sequence[object]) -> list[object]:
@@ -187,7 +197,7 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
     _health_task: asyncio.Task[None] | None = None
 
     def _open_connections(self, transport: httpx.AsyncBaseTransport | None) -> None:
-        self._http = self._clients(httpx.AsyncClient, transport)
+        self._http = self._connections(httpx.AsyncHTTPTransport, transport)
         #: Resolved when an endpoint gives a slot back: calls waiting for one re-route at once.
         self._slot_freed: asyncio.Future[None] | None = None
         #: Tasks inside a send, read or sleep now (a count: hedges nest), and those close
@@ -257,7 +267,7 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, SharedOllamaError):
                 await self._health_task
-        await asyncio.gather(*(c.aclose() for c in self._http.values()))
+        await asyncio.gather(*(c.transport.aclose() for c in self._http.values()))
         # The ledger writer is a thread; flushing may wait on the disk: not on the loop.
         await self.usage.aclose()
 
@@ -374,24 +384,25 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         try:
             async with asyncio.timeout(limit):
                 if isinstance(op, Send):
-                    http = self._http[op.endpoint.url]
-                    request = to_httpx(http, op.wire, op.headers)
+                    connection = self._http[op.endpoint.url]
+                    request = connection.request(op.wire, op.headers)
+                    send = connection.transport.handle_async_request
                     try:
-                        return _head(await http.send(request, stream=True))
+                        return _head(await send(request))
                     except httpx.RemoteProtocolError as exc:
                         if not _stale(exc):
                             raise
                         # See _STALE: once more, on a fresh connection.
-                        return _head(await http.send(request, stream=True))
+                        return _head(await send(request))
                 reply: _Reply = op.head.handle
                 if op.whole:
                     body = _Body(op)
-                    async for chunk in reply.response.aiter_bytes():
+                    async for chunk in _content(reply.response):
                         if body.add(chunk):
                             break
                     return bytes(body.data)
                 if reply.iterator is None:
-                    reply.iterator = reply.response.aiter_raw()
+                    reply.iterator = aiter(reply.response.stream)  # type: ignore[arg-type]
                 return await anext(reply.iterator, None)
         except TimeoutError:
             raise _deadline_error(op, total) from None
@@ -606,7 +617,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
     _workers: ThreadPoolExecutor | None = None
 
     def _open_connections(self, transport: httpx.BaseTransport | None) -> None:
-        self._http = self._clients(httpx.Client, transport)
+        self._http = self._connections(httpx.HTTPTransport, transport)
         #: Set when the client starts closing: waits (backoffs, the health loop) end at once.
         self._stop = threading.Event()
         self._workers_lock = threading.Lock()
@@ -615,7 +626,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         #: Calls waiting for a free slot sleep on this; a release wakes them.
         self._slot_freed = threading.Condition()
         self._slot_waiters = 0
-        watched = [watch_transport(http) for http in self._http.values()]
+        watched = [watch_transport(c.transport) for c in self._http.values()]
         self._watched = any(watched)
 
     def _owner(self) -> object:
@@ -682,8 +693,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             workers = self._workers
         if workers is not None:
             workers.shutdown(wait=True)
-        for http in self._http.values():
-            http.close()
+        for connection in self._http.values():
+            connection.transport.close()
         self._watchdog.close()
         self.usage.close()
 
@@ -827,28 +838,26 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         try:
             if isinstance(op, Send):
                 # httpx bounds each socket read; the deadline shortens the bound when closer.
-                connect = self.config.timeouts.connect_s
-                if limit is not None and connect is not None:
-                    connect = min(connect, limit)
-                timeout = httpx.Timeout(connect=connect, read=limit, write=connect, pool=limit)
-                http = self._http[op.endpoint.url]
-                request = to_httpx(http, op.wire, op.headers, timeout)
+                timeout = timeout_extension(self.config.timeouts.connect_s, limit)
+                connection = self._http[op.endpoint.url]
+                request = connection.request(op.wire, op.headers, timeout)
+                send = connection.transport.handle_request
                 try:
-                    return _head(http.send(request, stream=True))
+                    return _head(send(request))
                 except httpx.RemoteProtocolError as exc:
                     if (alarm is not None and alarm.fired) or not _stale(exc):
                         raise
                     # See _STALE: once more, on a fresh connection.
-                    return _head(http.send(request, stream=True))
+                    return _head(send(request))
             reply: _Reply = op.head.handle
             if op.whole:
                 body = _Body(op)
-                for chunk in reply.response.iter_bytes():
+                for chunk in _content(reply.response):
                     if body.add(chunk):
                         break
                 return bytes(body.data)
             if reply.iterator is None:
-                reply.iterator = reply.response.iter_raw()
+                reply.iterator = iter(reply.response.stream)  # type: ignore[arg-type]
             return next(reply.iterator, None)
         except httpx.TimeoutException as exc:
             if total and not isinstance(exc, httpx.ConnectTimeout):

@@ -56,7 +56,23 @@ class Endpoint(BaseModel):
     max_in_flight: int | None = Field(default=None, ge=1)
     #: httpx connection pool size for this endpoint.
     max_connections: int = Field(default=64, ge=1)
+    #: Idle connections kept open (httpx's default). httpcore checks every pooled
+    #: connection on each request: 64 kept-alive connections halved the throughput of a
+    #: 64-way workload against 20 (benchmarks/overhead.py).
+    max_keepalive: int = Field(default=20, ge=0)
     headers: dict[str, str] = Field(default_factory=dict)
+    #: An HTTP(S) or SOCKS proxy for this endpoint (``http://user:pass@proxy:3128``); None:
+    #: the environment's (``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``, minus ``NO_PROXY``)
+    #: when ``trust_env``. Secret: it may hold a password.
+    proxy: SecretStr | None = None
+    #: TLS: True (the system's CAs, or ``SSL_CERT_FILE``/``SSL_CERT_DIR`` when
+    #: ``trust_env``), False (no verification), or the path of a CA bundle.
+    verify: bool | str = True
+    #: TLS client certificate: a PEM file holding the certificate and its key, or
+    #: ``(certfile, keyfile)``.
+    cert: str | tuple[str, str] | None = None
+    #: Read proxies and CA locations from the environment, as ``httpx`` does.
+    trust_env: bool = True
 
     def __init__(self, url: str | None = None, /, **data: Any) -> None:
         """``Endpoint(url, kind=..., ...)``; a bad value is a ``ConfigError`` that never echoes
@@ -104,7 +120,8 @@ class Endpoint(BaseModel):
 
     def __repr__(self) -> str:
         key = ", api_key='***'" if self.api_key is not None else ""
-        return f"Endpoint({self.url!r}, kind={self.kind!r}{key})"
+        proxy = ", proxy='***'" if self.proxy is not None else ""
+        return f"Endpoint({self.url!r}, kind={self.kind!r}{key}{proxy})"
 
     __str__ = __repr__
 

@@ -59,7 +59,7 @@ class CallCounter:
         if self._installed:
             self._installed = False
             sys.setprofile(None)
-            threading.setprofile(None)  # type: ignore[arg-type]
+            threading.setprofile(None)
 
     @contextmanager
     def counting(self) -> Iterator[CallCounter]:
