@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -66,9 +68,8 @@ def _response(body: dict[str, Any] | None) -> bytes:
     return head.encode() + b"\r\n\r\n" + data
 
 
-async def _serve(port: int) -> None:
-    if cpus := os.environ.get("OVERHEAD_SERVER_CPUS"):
-        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+def make_handler() -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """The connection handler: canned replies by path, keep-alive, until the peer closes."""
     canned = {path: _response(body) for path, body in _REPLIES.items()}
     missing = _response(None)
 
@@ -85,12 +86,18 @@ async def _serve(port: int) -> None:
                 if length:
                     await reader.readexactly(length)
                 writer.write(canned.get(path, missing))
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "0.0.0.0", port, backlog=1024)
+    return handle
+
+
+async def _serve(port: int) -> None:
+    if cpus := os.environ.get("OVERHEAD_SERVER_CPUS"):
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    server = await asyncio.start_server(make_handler(), "0.0.0.0", port, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
     async with server:
         await server.serve_forever()
