@@ -174,6 +174,20 @@ def _content(resp: httpx.Response) -> Any:
     )
 
 
+def _advance(gen: Steps[Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Resume ``gen`` with ``value`` (or ``error``) up to the next operation that needs the
+    driver: ``(False, op)``, or ``(True, result)`` once it returned. Clock readings are
+    answered here, inline (several per stream chunk)."""
+    while True:
+        try:
+            op = gen.send(value) if error is None else gen.throw(error)
+        except StopIteration as stop:
+            return True, stop.value
+        if op is not NOW:
+            return False, op
+        value, error = (time.monotonic(), time.monotonic_ns()), None
+
+
 def _gathered(results: Sequence[object]) -> list[object]:
     """``Gather``'s answer: a ``SharedOllamaError`` stands in for its part; a close, or any
     other error (cancellation, a bug), is raised."""
@@ -278,14 +292,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         """Perform what ``gen`` yields until it returns (its value is returned) or yields a
         ``Deliver`` (returned as is: ``_iterate`` hands its chunk over and resumes)."""
         while True:
-            try:
-                op = gen.send(value) if error is None else gen.throw(error)
-            except StopIteration as stop:
-                return stop.value
-            if op is NOW:  # inline: several per chunk, no coroutine for each
-                value, error = (time.monotonic(), time.monotonic_ns()), None
-                continue
-            if type(op) is Deliver:
+            done, op = _advance(gen, value, error)
+            if done or type(op) is Deliver:
                 return op
             try:
                 value, error = await self._perform(op), None
@@ -700,17 +708,10 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
 
     # -- the interpreter ----------------------------------------------------------------
     def _run(self, gen: Steps[Any], value: Any = None, error: BaseException | None = None) -> Any:
-        """Perform what ``gen`` yields until it returns (its value is returned) or yields a
-        ``Deliver`` (returned as is: ``_iterate`` hands its chunk over and resumes)."""
+        """``SharedClient._run``, blocking."""
         while True:
-            try:
-                op = gen.send(value) if error is None else gen.throw(error)
-            except StopIteration as stop:
-                return stop.value
-            if op is NOW:
-                value, error = (time.monotonic(), time.monotonic_ns()), None
-                continue
-            if type(op) is Deliver:
+            done, op = _advance(gen, value, error)
+            if done or type(op) is Deliver:
                 return op
             try:
                 value, error = self._perform(op), None
@@ -718,7 +719,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                 value, error = None, exc
 
     def _iterate(self, gen: Steps[None]) -> Iterator[Any]:
-        """A stream: each chunk the steps ``Deliver``, handed to the caller in turn."""
+        """``SharedClient._iterate``, blocking."""
         out = self._run(gen)
         while out is not None:
             try:
