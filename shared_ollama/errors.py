@@ -5,21 +5,27 @@ attempt count and the server's own message where there was one::
 
     SharedOllamaError
      ├── EndpointError            the server side failed; retryable on another endpoint
-     │    ├── ConnectError        refused, reset or unreachable before a reply
-     │    ├── Timeout             connect / first-chunk / between-chunk / total deadline
-     │    ├── ServerError         5xx
-     │    ├── RateLimited         429 (carries retry_after)
-     │    ├── Overloaded          the engine's own backpressure (Ollama 503 queue full)
+     │    ├── ConnectError        refused, reset or unreachable before a reply  (+ ConnectionError)
+     │    ├── Timeout             connect / first-chunk / between-chunk / total  (+ TimeoutError)
+     │    ├── ServerError         5xx                                     (+ ResponseError)
+     │    ├── RateLimited         429 (carries retry_after)               (+ ResponseError)
+     │    │    └── Overloaded     the engine's own backpressure (Ollama 503 queue full)
      │    └── CircuitOpen         the endpoint's breaker is open
      ├── RequestError             the request is wrong; never retried
-     │    ├── ModelNotFound       404 / unknown model / no endpoint serves it
-     │    ├── InvalidRequest      400 / 422 / unsupported operation for the engine
-     │    └── AuthError           401 / 403
+     │    ├── ModelNotFound       404 / unknown model / no endpoint serves it  (+ ResponseError)
+     │    ├── InvalidRequest      400 / 422 / unsupported operation, bad input (+ ResponseError)
+     │    └── AuthError           401 / 403                               (+ ResponseError)
+     ├── ResponseError            ollama-python's name for an error answer: ``.error``,
+     │                            ``.status_code`` (the classes marked above are also one)
      ├── NoEndpointAvailable      every endpoint for the model is open, saturated or down
      ├── StreamInterrupted        a stream broke after chunks reached the caller
      ├── BudgetExceeded           a project limit would be exceeded; nothing was sent
-     ├── ConfigError              bad configuration
+     ├── ClientClosed             the client was closed before or during the call
+     ├── ConfigError              bad configuration                       (+ ValueError)
      └── ProtocolError            a malformed reply (bad JSON, broken stream framing)
+
+``except shared_ollama.ResponseError as e: e.error, e.status_code`` works as it does with
+the ``ollama`` client; ``except ConnectionError`` / ``except TimeoutError`` catch ours too.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = [
     "ProtocolError",
     "RateLimited",
     "RequestError",
+    "ResponseError",
     "ServerError",
     "SharedOllamaError",
     "StreamInterrupted",
@@ -107,6 +114,17 @@ def _rebuild(cls: type[SharedOllamaError], message: str, state: dict[str, Any]) 
     return obj
 
 
+class ResponseError(SharedOllamaError):
+    """An error answer, as ollama-python names it: ``error`` is what the server said (or
+    why the library refused the request), ``status_code`` its HTTP status (None without
+    one)."""
+
+    @property
+    def error(self) -> str:
+        """The server's message, else ours (ollama's ``ResponseError.error``)."""
+        return self.server_message or self.message
+
+
 class EndpointError(SharedOllamaError):
     """The endpoint failed to answer properly; another endpoint may succeed."""
 
@@ -114,11 +132,11 @@ class EndpointError(SharedOllamaError):
     breaker_failure = True
 
 
-class ConnectError(EndpointError):
+class ConnectError(EndpointError, ConnectionError):
     """The connection was refused, reset or could not be made."""
 
 
-class Timeout(EndpointError):
+class Timeout(EndpointError, TimeoutError):
     """A deadline passed: ``phase`` is connect, first_chunk, between_chunks or total."""
 
     def __init__(self, message: str, *, phase: str = "total", **kw: Any) -> None:
@@ -126,11 +144,11 @@ class Timeout(EndpointError):
         self.phase = phase
 
 
-class ServerError(EndpointError):
+class ServerError(EndpointError, ResponseError):
     """The server answered with a 5xx status."""
 
 
-class RateLimited(EndpointError):
+class RateLimited(EndpointError, ResponseError):
     """The server answered 429; ``retry_after`` is its hint in seconds, if any."""
 
     breaker_failure = False
@@ -154,15 +172,15 @@ class RequestError(SharedOllamaError):
     """The request itself is wrong; retrying it elsewhere will not help."""
 
 
-class ModelNotFound(RequestError):
+class ModelNotFound(RequestError, ResponseError):
     """The model is unknown to the endpoint (or to every endpoint of the pool)."""
 
 
-class InvalidRequest(RequestError):
+class InvalidRequest(RequestError, ResponseError):
     """The server (or the library) rejected the request as invalid."""
 
 
-class AuthError(RequestError):
+class AuthError(RequestError, ResponseError):
     """The endpoint refused the credentials (401/403)."""
 
 

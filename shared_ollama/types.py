@@ -7,9 +7,10 @@ import change; ``model`` is always the logical name, ``served_model`` the backen
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "ChatChunk",
@@ -20,6 +21,7 @@ __all__ = [
     "ListResponse",
     "Message",
     "MessageLike",
+    "ModelDetails",
     "ModelInfo",
     "Operation",
     "Options",
@@ -28,6 +30,8 @@ __all__ = [
     "ServerTimings",
     "ShowResponse",
     "Timings",
+    "ToolCall",
+    "ToolCallFunction",
     "Usage",
 ]
 
@@ -38,22 +42,90 @@ Options: TypeAlias = Mapping[str, Any]
 
 
 class _Model(BaseModel):
-    """Base: attribute access plus ``obj["field"]`` like the ``ollama`` client's models."""
+    """Base: attribute access plus item access, ``in`` and ``get`` that behave like the
+    ``ollama`` client's ``SubscriptableBaseModel``."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     def __getitem__(self, key: str) -> Any:
-        try:
+        if key in self:
             return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
+        raise KeyError(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self, key, value)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and getattr(self, key, None) is not None
+        # ollama's rule: a field that was set (even to None), or one with a non-None default.
+        if not isinstance(key, str):
+            return False
+        if key in self.model_fields_set or key in (self.__pydantic_extra__ or {}):
+            return True
+        field = type(self).model_fields.get(key)
+        return field is not None and (
+            field.default is not None or field.default_factory is not None
+        )
 
     def get(self, key: str, default: Any = None) -> Any:
-        """Return the field ``key`` or ``default``."""
-        return getattr(self, key, default)
+        """The field ``key``, or ``default`` when it is not there (as ``ollama``'s ``get``)."""
+        return getattr(self, key) if key in self else default
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _iso(value: Any) -> Any:
+    """An epoch (OpenAI's ``created``) as ollama's ISO 8601 string; strings as they are."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC).isoformat()
+    return value
+
+
+class _OllamaCounts(_Model):
+    """ollama-python's counters and durations (nanoseconds), on every protocol: the
+    server's own numbers where it gives them, else measured here (see
+    docs/migrating_from_ollama.md for each protocol)."""
+
+    created_at: str | None = Field(default_factory=_now_iso)
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+    @field_validator("created_at", mode="before")
+    @classmethod
+    def _created(cls, v: Any) -> Any:
+        return _iso(v)
+
+
+class ToolCallFunction(_Model):
+    """The function a model asked to call, with its arguments (a mapping, as in ollama)."""
+
+    name: str = ""
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _arguments(cls, v: Any) -> Any:
+        # OpenAI servers send the arguments as a JSON string.
+        if isinstance(v, str):
+            import json
+
+            try:
+                parsed = json.loads(v) if v.strip() else {}
+            except ValueError:
+                return {"__raw__": v}
+            return parsed if isinstance(parsed, dict) else {"__raw__": v}
+        return v
+
+
+class ToolCall(_Model):
+    """One tool call of an assistant message (``tool_calls[i].function.name``)."""
+
+    function: ToolCallFunction = Field(default_factory=ToolCallFunction)
 
 
 class Message(_Model):
@@ -63,7 +135,13 @@ class Message(_Model):
     content: str = ""
     thinking: str | None = None
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        return "" if v is None else v  # ollama allows None (a message of tool calls only)
 
 
 MessageLike: TypeAlias = Message | Mapping[str, Any]
@@ -138,7 +216,7 @@ class _Served(_Model):
     attempts: int = 1
 
 
-class ChatResponse(_Served):
+class ChatResponse(_Served, _OllamaCounts):
     """A complete chat reply."""
 
     message: Message = Field(default_factory=Message)
@@ -151,8 +229,9 @@ class ChatResponse(_Served):
         return self.done_reason
 
 
-class ChatChunk(_Model):
-    """One piece of a streamed chat reply; the last has ``done=True`` and the usage."""
+class ChatChunk(_OllamaCounts):
+    """One piece of a streamed chat reply; the last has ``done=True``, the usage and
+    ollama's counters."""
 
     model: str = ""
     served_model: str = ""
@@ -165,7 +244,7 @@ class ChatChunk(_Model):
     tokens: int | None = None
 
 
-class GenerateResponse(_Served):
+class GenerateResponse(_Served, _OllamaCounts):
     """A complete completion (``generate``) reply."""
 
     response: str = ""
@@ -179,8 +258,8 @@ class GenerateResponse(_Served):
         return self.done_reason
 
 
-class GenerateChunk(_Model):
-    """One piece of a streamed completion."""
+class GenerateChunk(_OllamaCounts):
+    """One piece of a streamed completion; the last has ollama's counters."""
 
     model: str = ""
     served_model: str = ""
@@ -192,10 +271,21 @@ class GenerateChunk(_Model):
     tokens: int | None = None
 
 
-class EmbedResponse(_Served):
+class EmbedResponse(_Served, _OllamaCounts):
     """Embeddings, one vector per input."""
 
     embeddings: list[list[float]] = Field(default_factory=list)
+
+
+class ModelDetails(_Model):
+    """What a server says about a model's make (``details.family`` as in ollama)."""
+
+    parent_model: str | None = None
+    format: str | None = None
+    family: str | None = None
+    families: list[str] | None = None
+    parameter_size: str | None = None
+    quantization_level: str | None = None
 
 
 class ModelInfo(_Model):
@@ -208,8 +298,13 @@ class ModelInfo(_Model):
     name: str = ""
     size: int | None = None
     digest: str | None = None
-    modified_at: str | None = None
-    details: dict[str, Any] = Field(default_factory=dict)
+    modified_at: datetime | None = None
+    details: ModelDetails = Field(default_factory=ModelDetails)
+
+    @field_validator("modified_at", mode="before")
+    @classmethod
+    def _when(cls, v: Any) -> Any:
+        return _iso(v) or None
 
 
 class ListResponse(_Model):
@@ -227,8 +322,13 @@ class RunningModel(_Model):
     name: str = ""
     size: int | None = None
     size_vram: int | None = None
-    expires_at: str | None = None
-    details: dict[str, Any] = Field(default_factory=dict)
+    expires_at: datetime | None = None
+    details: ModelDetails = Field(default_factory=ModelDetails)
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _when(cls, v: Any) -> Any:
+        return _iso(v) or None
 
 
 class PsResponse(_Model):
@@ -246,9 +346,24 @@ class ShowResponse(_Model):
     modelfile: str | None = None
     parameters: str | None = None
     template: str | None = None
-    details: dict[str, Any] = Field(default_factory=dict)
-    model_info: dict[str, Any] = Field(default_factory=dict)
+    license: str | None = None
+    modified_at: datetime | None = None
+    details: ModelDetails = Field(default_factory=ModelDetails)
+    #: ollama's name (the server's ``model_info``); ``model_info`` still reads it.
+    modelinfo: dict[str, Any] = Field(
+        default_factory=dict, validation_alias=AliasChoices("modelinfo", "model_info")
+    )
     capabilities: list[str] = Field(default_factory=list)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """The server's name for ``modelinfo``."""
+        return self.modelinfo
+
+    @field_validator("modified_at", mode="before")
+    @classmethod
+    def _when(cls, v: Any) -> Any:
+        return _iso(v) or None
 
 
 def normalize_messages(messages: Sequence[MessageLike] | None) -> list[Message]:

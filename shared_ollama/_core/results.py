@@ -24,9 +24,49 @@ __all__ = ["CHUNKS", "RESPONSES", "chat_chunk", "generate_chunk", "response_fiel
 R = TypeVar("R", ChatResponse, GenerateResponse, EmbedResponse)
 
 
+def ollama_counts(rec: CallRecord, end_ns: int) -> dict[str, Any]:
+    """ollama-python's counters and durations (ns) for a call that ended at ``end_ns``.
+
+    Durations come from the server where it reports them: Ollama's own fields, llama.cpp's
+    ``timings`` (prompt and generation), TGI's headers (queue + inference as the total,
+    time per token x tokens as the generation). Otherwise they are measured here: the total
+    from the call's start; for a stream, the prompt as the time to the first chunk and the
+    generation from the first chunk to the last token-carrying one; for a whole reply,
+    generation as the total (prefill cannot be told apart from outside). So
+    ``eval_count / eval_duration * 1e9`` (tokens/s) works on every endpoint of a mixed pool.
+    """
+    st = rec.server_timings
+    measured = max(1, end_ns - rec.t_start_ns)
+    total = st.get("total_duration_ns")
+    if total is None and "inference_time_ms" in st:
+        total = (st.get("queue_time_ms", 0.0) + st["inference_time_ms"]) * 1e6
+    prompt = st.get("prompt_eval_duration_ns")
+    gen = st.get("eval_duration_ns")
+    if gen is None and "time_per_token_ms" in st and rec.output_tokens:
+        gen = st["time_per_token_ms"] * rec.output_tokens * 1e6
+    first, last = rec.t_first_chunk_ns, rec.t_last_token_ns
+    if rec.stream and first is not None:
+        if prompt is None:
+            prompt = max(1, first - rec.t_start_ns)
+        if gen is None:
+            gen = max(1, (last if last is not None and last > first else end_ns) - first)
+    if gen is None:
+        gen = measured if total is None else total
+    load = st.get("load_duration_ns")
+    return {
+        "total_duration": int(total if total is not None else measured),
+        "load_duration": None if load is None else int(load),
+        "prompt_eval_count": rec.input_tokens,
+        "prompt_eval_duration": None if prompt is None else int(prompt),
+        "eval_count": rec.output_tokens,
+        "eval_duration": int(gen),
+    }
+
+
 def response_fields(rec: CallRecord, parsed: Parsed) -> dict[str, Any]:
     """The fields every full response shares, from the call's record."""
     return {
+        **ollama_counts(rec, rec.t_end_ns or rec.t_start_ns),
         "model": rec.model or "",
         "served_model": parsed.served_model or rec.served_model or "",
         "endpoint": rec.endpoint or "",
@@ -81,6 +121,14 @@ def _usage(rec: CallRecord, piece: Piece) -> Usage | None:
     return Usage(input_tokens=rec.input_tokens, output_tokens=rec.output_tokens)
 
 
+def _final(rec: CallRecord, piece: Piece) -> dict[str, Any]:
+    """ollama's counters on the last chunk only, as ollama sends them."""
+    if not piece.done:
+        return {}
+    end = rec.chunk_times_ns[-1] if rec.chunk_times_ns else rec.t_start_ns
+    return ollama_counts(rec, end)
+
+
 def chat_chunk(rec: CallRecord, piece: Piece) -> ChatChunk:
     """One streamed chat chunk."""
     return ChatChunk(
@@ -92,6 +140,7 @@ def chat_chunk(rec: CallRecord, piece: Piece) -> ChatChunk:
         done_reason=piece.done_reason,
         usage=_usage(rec, piece),
         tokens=piece.tokens,
+        **_final(rec, piece),
     )
 
 
@@ -106,6 +155,7 @@ def generate_chunk(rec: CallRecord, piece: Piece) -> GenerateChunk:
         done_reason=piece.done_reason,
         usage=_usage(rec, piece),
         tokens=piece.tokens,
+        **_final(rec, piece),
     )
 
 

@@ -357,13 +357,16 @@ def _message(m: Message) -> dict[str, Any]:
     else:
         out["content"] = m.content
     if m.tool_calls:
-        out["tool_calls"] = [_tool_call_out(call, i) for i, call in enumerate(m.tool_calls)]
+        out["tool_calls"] = [
+            _tool_call_out(call.model_dump(exclude_none=True), i)
+            for i, call in enumerate(m.tool_calls)
+        ]
     extra = m.model_extra or {}
     for key in ("name", "tool_call_id"):
         if isinstance(extra.get(key), str):
             out[key] = extra[key]
-    if m.role == "tool" and "name" not in out and isinstance(extra.get("tool_name"), str):
-        out["name"] = extra["tool_name"]  # Ollama's spelling of the tool's name
+    if m.role == "tool" and "name" not in out and m.tool_name:
+        out["name"] = m.tool_name  # Ollama's spelling of the tool's name
     return out
 
 
