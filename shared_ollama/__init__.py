@@ -7,6 +7,8 @@ SGLang) and TGI, with routing, retries, breakers, usage accounting and telemetry
 from ._base import NOT_GIVEN, NotGiven
 from ._version import __version__
 from .client import SharedClient, SyncSharedClient
+from .compat import AsyncClient, Client, chat, embed, generate, ps, show
+from .compat import list as list
 from .config import (
     BreakerPolicy,
     Budget,
@@ -34,6 +36,7 @@ from .errors import (
     ProtocolError,
     RateLimited,
     RequestError,
+    ResponseError,
     ServerError,
     SharedOllamaError,
     StreamInterrupted,
@@ -49,17 +52,22 @@ from .types import (
     GenerateResponse,
     ListResponse,
     Message,
+    ModelDetails,
     ModelInfo,
     PsResponse,
     RunningModel,
     ServerTimings,
     ShowResponse,
     Timings,
+    ToolCall,
+    ToolCallFunction,
     Usage,
 )
 
 __all__ = [
     "NOT_GIVEN",
+    "AsyncClient",
+    "Client",
     "AttemptRecord",
     "AuthError",
     "BreakerPolicy",
@@ -84,6 +92,7 @@ __all__ = [
     "InvalidRequest",
     "ListResponse",
     "Message",
+    "ModelDetails",
     "ModelInfo",
     "ModelNotFound",
     "NoEndpointAvailable",
@@ -95,6 +104,7 @@ __all__ = [
     "PsResponse",
     "RateLimited",
     "RequestError",
+    "ResponseError",
     "RetryPolicy",
     "RunningModel",
     "ServerError",
@@ -107,8 +117,16 @@ __all__ = [
     "Timeout",
     "Timeouts",
     "Timings",
+    "ToolCall",
+    "ToolCallFunction",
     "Usage",
     "UsageConfig",
     "__version__",
+    "chat",
+    "embed",
+    "generate",
+    "list",
     "load_config",
+    "ps",
+    "show",
 ]

@@ -31,6 +31,7 @@ from .config import (
     Timeouts,
     UsageConfig,
     load_config,
+    ollama_endpoints,
 )
 from .errors import ClientClosed, ConfigError, SharedOllamaError
 from .pool import EndpointStatus, Pool
@@ -146,8 +147,14 @@ class BaseClient(Generic[TransportT]):
             cfg = PoolConfig.model_validate({**cfg.model_dump(), **updates})
         except ValueError as exc:
             raise ConfigError(f"invalid configuration: {_first_error(exc)}") from None
+        if not cfg.endpoints and os.environ.get("OLLAMA_HOST"):
+            # Nothing configured but ollama's own variable: that server, as ollama would.
+            cfg = cfg.model_copy(update={"endpoints": ollama_endpoints()})
         if not cfg.endpoints:
-            raise ConfigError("no endpoints configured")
+            raise ConfigError(
+                "no endpoints configured (endpoints=[...], SHARED_OLLAMA_ENDPOINTS, a pool "
+                "file, or OLLAMA_HOST)"
+            )
         urls = [e.url for e in cfg.endpoints]
         if len(set(urls)) != len(urls):
             raise ConfigError("the same endpoint url is configured twice")
@@ -191,6 +198,15 @@ class BaseClient(Generic[TransportT]):
 
     def _wake_slot_waiters(self) -> None:
         """An endpoint gave a slot back (each driver wakes its waiters its own way)."""
+
+    def _lazy_start(self) -> Steps[None]:
+        """A first call on a client never started (no ``with``, no ``start()``): the
+        start-up probes run first, once (health checks start only with ``start()``)."""
+        if self._closed or self._closing:
+            return
+        probes = self._starting()
+        if probes is not None:
+            yield from probes
 
     def _starting(self) -> Steps[None] | None:
         """The start-up probes, the first time only (``start`` is idempotent)."""
@@ -272,36 +288,46 @@ class BaseClient(Generic[TransportT]):
         plan, span = self._plan(op.operation, op.model, stream=False, project=project,
                                 timeout=timeout, tags=tags, content=op.content)  # fmt: skip
         body = steps.call(plan, op, span.headers(), self.config.hedging)
-        result = yield from self._accounted(plan, span, body)
-        return result, plan.record
+        return self._accounted(plan, span, body if self._started else self._first(body))
 
     def _streaming(self, op: Op[Parsed], make: Callable[[CallRecord, Piece], Any],
                    project: str | None, timeout: float | NotGiven | None,
                    tags: Mapping[str, str] | None) -> Steps[None]:  # fmt: skip
         """A routed stream, accounted: yields ``Deliver(chunk)`` for each chunk."""
+        if not self._started:
+            yield from self._lazy_start()
         plan, span = self._plan(op.operation, op.model, stream=True, project=project,
                                 timeout=timeout, tags=tags, content=op.content)  # fmt: skip
         yield from self._accounted(plan, span, steps.stream(plan, op, span.headers(), make))
 
-    def _listing(self, operation: str,
-                 project: str | None) -> Steps[list[tuple[str, ListedModel]]]:  # fmt: skip
+    def _listing(
+        self, operation: str, project: str | None
+    ) -> Steps[tuple[list[tuple[str, ListedModel]], CallRecord]]:
         """``list``/``ps`` across the pool, accounted as one call."""
         plan, span = self._plan(operation, None, stream=False, project=project,
                                 timeout=NOT_GIVEN, tags=None)  # fmt: skip
         timeout = self.config.health.timeout_s
         body = steps.fan_out(plan, self._pool.endpoints, operation, timeout)
-        return (yield from self._accounted(plan, span, body))
+        return self._accounted(plan, span, body if self._started else self._first(body))
 
-    def _accounted(self, plan: CallPlan, span: CallSpan, body: Steps[T]) -> Steps[T]:
-        """Run ``body``; whatever ends it, the call's record goes out exactly once."""
+    def _accounted(
+        self, plan: CallPlan, span: CallSpan, body: Steps[T]
+    ) -> Steps[tuple[T, CallRecord]]:
+        """Run ``body``; whatever ends it, the call's record goes out exactly once. The
+        plan is made before (``_plan``): a call refused at the door has no record."""
         error: BaseException | None = None
         try:
-            return (yield from body)
+            return (yield from body), plan.record
         except BaseException as exc:
             error = self._annotate(plan, exc)
             raise
         finally:
             self._finish(plan, span, error)
+
+    def _first(self, body: Steps[T]) -> Steps[T]:
+        """``body`` after the start-up probes, on a client never started."""
+        yield from self._lazy_start()
+        return (yield from body)
 
     def _probe_steps(self) -> Steps[None]:
         """Start-up: every endpoint probed at once, models discovered."""

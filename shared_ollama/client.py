@@ -603,12 +603,12 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
 
     async def list(self, *, project: str | None = None) -> ListResponse:
         """Models served across the pool (one entry per endpoint and model)."""
-        listed = await self._run(self._listing("list", project))
+        listed, _ = await self._run(self._listing("list", project))
         return ListResponse(models=self._logical_models(listed, running=False))
 
     async def ps(self, *, project: str | None = None) -> PsResponse:
         """Models loaded in memory across the pool."""
-        listed = await self._run(self._listing("ps", project))
+        listed, _ = await self._run(self._listing("ps", project))
         return PsResponse(models=self._logical_models(listed, running=True))
 
 
@@ -1055,10 +1055,10 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
 
     def list(self, *, project: str | None = None) -> ListResponse:
         """Models served across the pool (one entry per endpoint and model)."""
-        listed = self._run(self._listing("list", project))
+        listed, _ = self._run(self._listing("list", project))
         return ListResponse(models=self._logical_models(listed, running=False))
 
     def ps(self, *, project: str | None = None) -> PsResponse:
         """Models loaded in memory across the pool."""
-        listed = self._run(self._listing("ps", project))
+        listed, _ = self._run(self._listing("ps", project))
         return PsResponse(models=self._logical_models(listed, running=True))

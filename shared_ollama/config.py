@@ -5,6 +5,7 @@ Loaded from keyword arguments, a TOML file (``from_config``) or ``SHARED_OLLAMA_
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -297,3 +298,44 @@ def _short(exc: ValidationError) -> str:
         f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
         for e in exc.errors(include_input=False)
     )
+
+
+# -- ollama-python's way of naming a server ---------------------------------------------
+_DEFAULT_HOST = "127.0.0.1:11434"
+
+
+def parse_host(host: str | None) -> str:
+    """ollama's reading of a host: ``"gpu-a"`` -> ``http://gpu-a:11434``, ``"https://h"``
+    -> ``https://h:443``, a path kept (a server behind a reverse proxy)."""
+    host, port = (host or "").strip(), 11434
+    scheme, _, hostport = host.partition("://")
+    if not hostport:
+        scheme, hostport = "http", host
+    elif scheme == "http":
+        port = 80
+    elif scheme == "https":
+        port = 443
+    parts = urlsplit(f"{scheme}://{hostport}")
+    name = parts.hostname or "127.0.0.1"
+    try:
+        if isinstance(ipaddress.ip_address(name), ipaddress.IPv6Address):
+            name = f"[{name}]"
+    except ValueError:
+        pass
+    url = f"{scheme}://{name}:{parts.port or port}"
+    path = parts.path.strip("/")
+    return f"{url}/{path}" if path else url
+
+
+def ollama_endpoints(
+    host: str | Sequence[str] | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> list[Endpoint]:
+    """Ollama endpoints for ``host`` (one or several), else ``OLLAMA_HOST``, else the local
+    default; ``OLLAMA_API_KEY`` as the key unless ``headers`` carry an authorization."""
+    hosts = [host] if isinstance(host, str) or host is None else list(host)
+    hosts = [h or os.environ.get("OLLAMA_HOST") or _DEFAULT_HOST for h in hosts]
+    extra = {k.lower(): v for k, v in (headers or {}).items() if v is not None}
+    key = None if "authorization" in extra else os.environ.get("OLLAMA_API_KEY") or None
+    return [Endpoint(parse_host(h), kind="ollama", headers=extra, api_key=key) for h in hosts]

@@ -202,6 +202,7 @@ class CallPlan:
         if not result.model_known:
             raise ModelNotFound(
                 f"no endpoint serves model {self.model!r}",
+                status_code=404,  # what the server itself would have answered
                 server_message="; ".join(f"{k}: {v}" for k, v in result.reasons.items()),
                 **kw,
             )

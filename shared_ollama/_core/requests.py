@@ -6,11 +6,13 @@ them into wire requests and typed results is here, once.
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from pydantic import ValidationError
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from ..errors import InvalidRequest
 from ..protocols import (
@@ -24,7 +26,7 @@ from ..protocols import (
 )
 from ..types import Message, MessageLike
 
-__all__ = ["Op", "chat_op", "embed_op", "generate_op", "show_op"]
+__all__ = ["Op", "chat_op", "embed_op", "generate_op", "show_op", "tool_from_function"]
 
 T = TypeVar("T")
 
@@ -61,7 +63,99 @@ _FLOAT_OPTIONS = frozenset(
 )  # fmt: skip
 
 
+def _plain(obj: Any) -> Any:
+    """ollama's own request objects (``ollama.Message``, ``Options``, ``Tool``: pydantic
+    models) as the mappings they stand for, without importing ``ollama``."""
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump) and not isinstance(obj, Message):
+        return dump(exclude_none=True)
+    return obj
+
+
+def _schema(annotation: Any) -> dict[str, Any]:
+    if annotation is inspect.Parameter.empty:
+        return {}
+    return TypeAdapter(annotation).json_schema()
+
+
+def _json_type(schema: Mapping[str, Any]) -> tuple[str, bool]:
+    """A parameter's JSON schema type as ollama writes it for a function tool, and whether
+    it may be null (an ``X | None`` parameter is not required)."""
+    types = [t.get("type", "string") for t in schema.get("anyOf", [schema])]
+    kept = [t for t in types if t != "null"] or ["string"]
+    return ", ".join(dict.fromkeys(kept)), "null" in types
+
+
+def _doc_args(doc: str) -> tuple[str, dict[str, str]]:
+    """A Google-style docstring: its summary, and each ``Args:`` entry's description."""
+    summary: list[str] = []
+    args: dict[str, str] = {}
+    section, last = "summary", None
+    for line in doc.splitlines():
+        text = line.strip()
+        lowered = text.lower()
+        if lowered.startswith("args:"):
+            section = "args"
+        elif lowered.startswith(("returns:", "yields:", "raises:", "examples:")):
+            section = "other"
+        elif section == "summary" and text:
+            summary.append(text)
+        elif section == "args" and text:
+            name, sep, rest = text.partition(":")
+            if sep and " " not in name.split("(")[0].strip():
+                last = name.split("(")[0].strip()
+                args[last] = rest.strip()
+            elif last is not None:
+                args[last] += " " + text
+    return " ".join(summary), args
+
+
+def tool_from_function(fn: Callable[..., Any]) -> dict[str, Any]:
+    """A Python function as a tool, from its signature and docstring (as ollama does)."""
+    summary, described = _doc_args(inspect.getdoc(fn) or "")
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        kind, nullable = _json_type(_schema(hints.get(name, param.annotation)))
+        properties[name] = {"type": kind, "description": described.get(name, "")}
+        if param.default is inspect.Parameter.empty and not nullable:
+            required.append(name)
+    return {
+        "type": "function",
+        "function": {
+            "name": fn.__name__,
+            "description": summary,
+            "parameters": {"type": "object", "properties": properties, "required": required},
+        },
+    }
+
+
+def _tools(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    if isinstance(tools, str | bytes | Mapping) or not isinstance(tools, Sequence):
+        raise InvalidRequest("tools must be a list of tool definitions or functions")
+    out: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        tool = _plain(tool)
+        if isinstance(tool, Mapping):
+            out.append(dict(tool))
+        elif callable(tool):
+            try:
+                out.append(tool_from_function(tool))
+            except (TypeError, ValueError, PydanticSchemaGenerationError) as exc:
+                raise InvalidRequest(f"tools[{i}]: cannot describe {tool!r}: {exc}") from None
+        else:
+            raise InvalidRequest(f"tools[{i}] must be a mapping or a function")
+    return out
+
+
 def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    options = _plain(options)
     if options is None:
         return {}
     if not isinstance(options, Mapping):
@@ -99,6 +193,7 @@ def _messages(messages: Sequence[MessageLike] | None) -> list[Message]:
         if isinstance(m, Message):
             out.append(m)
             continue
+        m = _plain(m)
         if not isinstance(m, Mapping):
             raise InvalidRequest(f"messages[{i}] must be a mapping or Message")
         role = m.get("role")
@@ -115,7 +210,7 @@ def chat_op(
     model: str,
     messages: Sequence[MessageLike] | None,
     *,
-    tools: Sequence[Mapping[str, Any]] | None,
+    tools: Sequence[Any] | None,
     stream: bool,
     think: bool | str | None,
     format: Any,
@@ -125,7 +220,7 @@ def chat_op(
     """A chat call."""
     msgs = _messages(messages)
     opts = _options(options)
-    tool_list = [dict(t) for t in tools] if tools else None
+    tool_list = _tools(tools)
 
     def build(codec: Codec, served: str) -> WireRequest:
         return codec.chat(

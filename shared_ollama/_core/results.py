@@ -35,7 +35,8 @@ def ollama_counts(rec: CallRecord, end_ns: int) -> dict[str, Any]:
     generation as the total (prefill cannot be told apart from outside). So
     ``eval_count / eval_duration * 1e9`` (tokens/s) works on every endpoint of a mixed pool.
     """
-    st = rec.server_timings
+    # A server's 0 (TGI rounds its headers to whole milliseconds) says nothing: measured.
+    st = {k: v for k, v in rec.server_timings.items() if v > 0}
     measured = max(1, end_ns - rec.t_start_ns)
     total = st.get("total_duration_ns")
     if total is None and "inference_time_ms" in st:

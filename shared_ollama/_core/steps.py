@@ -236,12 +236,15 @@ def _body_bound(limits: Limits, head: Head) -> tuple[int, bool]:
 
 def call(plan: CallPlan, op: Op[T], trace: Mapping[str, str], hedging: bool) -> Steps[T]:
     """A whole non-stream call: attempts (hedged where the pool allows), retries, waits."""
-    return (yield from _retrying(plan, partial(_hedged, plan, op, trace, hedging)))
+    once: Callable[[], Steps[T]] = (
+        partial(_hedged, plan, op, trace) if hedging else partial(attempt, plan, op, trace)
+    )
+    return (yield from _retrying(plan, once))
 
 
-def _hedged(plan: CallPlan, op: Op[T], trace: Mapping[str, str], hedging: bool) -> Steps[T]:
+def _hedged(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:
     """One attempt, or a hedged pair: a second copy after the p95, first answer wins."""
-    delay = plan.hedge_after(hedging)
+    delay = plan.hedge_after(True)
     if delay is None:
         return (yield from attempt(plan, op, trace))
     won: T = yield Race(attempt(plan, op, trace), partial(attempt, plan, op, trace), delay)

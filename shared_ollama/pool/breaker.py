@@ -60,6 +60,7 @@ class EndpointBreaker:
         self._lock = threading.Lock()
         self._events: list[PoolEvent] = []
         self._probing = False
+        self._state: BreakerState = "closed"
         #: When the breaker last opened (monotonic seconds).
         self._opened_at: float | None = None
         self._cb = pybreaker.CircuitBreaker(
@@ -76,7 +77,8 @@ class EndpointBreaker:
     @property
     def state(self) -> BreakerState:
         """Current state (``open`` stays ``open`` until a probe is admitted)."""
-        return _NAMES.get(self._cb.current_state, "closed")
+        # Kept by the listener at each transition: read on every routing decision.
+        return self._state
 
     @property
     def failures(self) -> int:
@@ -177,6 +179,7 @@ class EndpointBreaker:
         return events
 
     def _on_change(self, old: BreakerState, new: BreakerState) -> None:
+        self._state = new
         if old == new:
             return
         now = self._now
