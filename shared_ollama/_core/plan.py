@@ -194,8 +194,13 @@ class CallPlan:
     def _unavailable(self, result: Unavailable, now: float) -> Choice:
         kw = self._error_kw()
         if result.unsupported:
+            what = (
+                "a chat with no messages (it loads or unloads the model: Ollama endpoints only)"
+                if self.operation == "load"
+                else self.operation
+            )
             raise InvalidRequest(
-                f"no endpoint of the pool serves {self.operation}",
+                f"no endpoint of the pool serves {what}",
                 server_message="; ".join(result.reasons.values()),
                 **kw,
             )

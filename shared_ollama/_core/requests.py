@@ -24,6 +24,7 @@ from ..protocols import (
     WireRequest,
     WireResponse,
 )
+from ..protocols.decoders import excerpt
 from ..types import Message, MessageLike
 
 __all__ = ["Op", "chat_op", "embed_op", "generate_op", "show_op", "tool_from_function"]
@@ -179,15 +180,15 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(options)
 
 
+#: The roles every protocol understands (OpenAI's ``developer`` is its ``system``).
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
 def _messages(messages: Sequence[MessageLike] | None) -> list[Message]:
     if messages is None:
         messages = []
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise InvalidRequest("messages must be a list of {'role': ..., 'content': ...}")
-    if not messages:
-        # Engines disagree (Ollama answers "", OpenAI-compatible ones make up a reply): the
-        # same typed answer wherever the router would have sent it.
-        raise InvalidRequest("messages is empty: a chat needs at least one message")
     out: list[Message] = []
     for i, m in enumerate(messages):
         if isinstance(m, Message):
@@ -199,6 +200,9 @@ def _messages(messages: Sequence[MessageLike] | None) -> list[Message]:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise InvalidRequest(f"messages[{i}] has no role ('system', 'user', 'assistant'...)")
+        if role not in ROLES:
+            known = ", ".join(sorted(ROLES))
+            raise InvalidRequest(f"messages[{i}].role {excerpt(repr(role))} is not one of {known}")
         try:
             out.append(Message.model_validate(dict(m)))
         except ValidationError as exc:
@@ -236,7 +240,12 @@ def chat_op(
             )
         )
 
-    return Op("chat", _check_model(model), stream, build, lambda c, r: c.parse_chat(r), msgs)
+    # No messages: Ollama loads the model (unloads it with keep_alive=0) and generates
+    # nothing; OpenAI-compatible engines would make a reply up from nothing. Routed as its
+    # own operation, to the endpoints that honour it only.
+    operation = "chat" if msgs else "load"
+    parse = lambda c, r: c.parse_chat(r)  # noqa: E731
+    return Op(operation, _check_model(model), stream, build, parse, msgs)
 
 
 def generate_op(

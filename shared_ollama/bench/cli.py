@@ -362,7 +362,9 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     try:
         scenario = build_scenario(args)
     except (ScenarioError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        # One line on stderr, like every CLI of the library (no traceback, nothing echoed).
+        text = str(exc).replace(":\n  ", ": ").replace("\n  ", "; ").replace("\n", " ")
+        print(f"error: {text}", file=sys.stderr)
         return 2
     from .session import WarmupFailed
 

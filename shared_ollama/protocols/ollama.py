@@ -54,8 +54,10 @@ class OllamaCodec(Codec):
     """Ollama's native API. Stateless; ``codec_for("ollama")`` returns the shared one."""
 
     kind: ClassVar[Literal["ollama", "openai", "tgi"]] = "ollama"
+    #: ``load``: a chat with no messages, Ollama's way to load (or, with ``keep_alive=0``,
+    #: unload) a model; other engines would generate a reply from nothing instead.
     operations: ClassVar[frozenset[str]] = frozenset(
-        {"chat", "generate", "embed", "list", "ps", "show"}
+        {"chat", "load", "generate", "embed", "list", "ps", "show"}
     )
 
     # -- building -------------------------------------------------------------------

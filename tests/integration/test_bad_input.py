@@ -13,9 +13,11 @@ from tests.conftest import MODEL
 
 HI = [{"role": "user", "content": "hi"}]
 BAD_CALLS = {
-    "no messages": ({"messages": []}, "messages is empty"),
-    "messages omitted": ({}, "messages is empty"),
     "message without role": ({"messages": [{"content": "hi"}]}, "messages[0] has no role"),
+    "unknown role": (
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        "messages[0].role 'robot' is not one of assistant, developer, system, tool, user",
+    ),
     "num_predict as text": (
         {"messages": HI, "options": {"num_predict": "ten"}},
         "options['num_predict'] must be an integer",
@@ -50,3 +52,21 @@ async def test_good_options_still_pass(engine: FakeEngine, make_driver: Any) -> 
     async with make_driver([Endpoint(engine.url, kind=engine.kind)]) as d:
         r = await d.call("chat", model=MODEL, messages=HI, options=options)
     assert r.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize("kwargs", [{"messages": []}, {}], ids=["empty", "omitted"])
+async def test_no_messages_loads_the_model_on_ollama_and_is_refused_elsewhere(
+    engine: FakeEngine, make_driver: Any, kwargs: dict[str, Any]
+) -> None:
+    """Ollama's meaning (load, or unload with keep_alive=0; nothing generated) where it is
+    honoured; never a reply made up from nothing by an OpenAI-compatible or TGI engine."""
+    async with make_driver([Endpoint(engine.url, kind=engine.kind)]) as d:
+        before = engine.stats.total_requests
+        if engine.kind != "ollama":
+            with pytest.raises(InvalidRequest) as info:
+                await d.call("chat", model=MODEL, **kwargs)
+            assert engine.stats.total_requests == before  # nothing was sent
+            assert "no messages" in str(info.value) and "Ollama endpoints only" in str(info.value)
+            return
+        r = await d.call("chat", model=MODEL, keep_alive=0, **kwargs)
+    assert r.message.content == "" and not r.eval_count

@@ -200,3 +200,29 @@ def test_the_status_cli_answers_a_bad_endpoint_with_one_line() -> None:
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("error: invalid endpoint: url:"), done.stderr
         assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
+        assert done.stderr.count("\n") == 1 and "hunter2" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--endpoint", "http://user:hunter2@gpu-a:11434"],
+        ["--endpoint", "gpu-a:11434"],
+        ["--endpoint", "http://gpu-a:11434/?api_key=hunter2"],
+    ],
+)
+def test_the_bench_cli_answers_bad_input_with_one_line(args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "shared_ollama.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: invalid scenario"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "hunter2" not in done.stderr + done.stdout
