@@ -35,7 +35,7 @@ __all__ = [
     "Usage",
 ]
 
-Operation: TypeAlias = Literal["chat", "generate", "embed", "list", "ps", "show"]
+Operation: TypeAlias = Literal["chat", "load", "generate", "embed", "list", "ps", "show"]
 #: Ollama-style generation options (``num_predict``, ``temperature``, ``top_p``, ``top_k``,
 #: ``seed``, ``stop``, ...); each protocol translates the ones it knows.
 Options: TypeAlias = Mapping[str, Any]

@@ -62,7 +62,9 @@ def test_bad_input_exits_2_with_a_clear_message(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == 2
-    assert message in capsys.readouterr().out.replace("\n", " ")
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1, captured.err
+    assert captured.out == ""
 
 
 def test_bad_flag_syntax_is_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,28 @@ from tests.conftest import FAST, MODEL
 PROMPT = [{"role": "user", "content": "Why is the sky blue?"}]
 
 
+@pytest.fixture(autouse=True)
+def _released(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
+    """ollama-style code never closes its clients: close them after each test (their ledger
+    writer threads would outlive it), and keep their records out of the user's ledger."""
+    monkeypatch.setenv("SHARED_OLLAMA_LEDGER", str(tmp_path / "usage.db"))
+    made: list[Any] = []
+    for cls in (shared_ollama.Client, shared_ollama.AsyncClient):
+        init = cls.__init__
+
+        def record(self: Any, *args: Any, __init: Any = init, **kwargs: Any) -> None:
+            __init(self, *args, **kwargs)
+            made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", record)
+    yield
+    for client in made:
+        if isinstance(client, shared_ollama.SyncSharedClient):
+            client.close()
+        else:  # its event loop has ended: stop what outlives it, the ledger's writer
+            client.usage.close()
+
+
 @pytest.fixture(scope="module")
 def ollama_engine() -> Iterator[FakeEngine]:
     with FakeEngine(kind="ollama", models=(MODEL,), timing=FAST, slots=8) as eng:

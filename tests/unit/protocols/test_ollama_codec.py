@@ -183,7 +183,7 @@ def test_other_routes() -> None:
     assert codec.show("llama3.2") == WireRequest("POST", "/api/show", json={"model": "llama3.2"})
     assert codec.health() == WireRequest("GET", "/api/version")
     assert codec.kind == "ollama"
-    assert codec.operations == {"chat", "generate", "embed", "list", "ps", "show"}
+    assert codec.operations == {"chat", "load", "generate", "embed", "list", "ps", "show"}
 
 
 # -- parsing -----------------------------------------------------------------------------
