@@ -229,3 +229,56 @@ def test_the_same_idioms_on_other_protocols(kind: str, idiom: str) -> None:
     if idiom == "chat":
         assert out["durations"] and out["rate"] and out["created_at"] and out["in"], out
         assert out["prompt_eval_count"] and out["prompt_eval_count"] > 0, out
+
+
+# -- against the real llama-server -----------------------------------------------------------
+def real_idioms(lib: Any, model: str) -> dict[str, Any]:
+    """What the tiny model can serve: chat, streaming, generate, embed, list, options, with
+    the official package's own types as inputs."""
+    client = lib.Client(host="unused")
+    r = client.chat(
+        model=model,
+        messages=[ollama.Message(role="user", content="hello there")],
+        options=ollama.Options(num_predict=6),
+    )
+    streamed = [
+        c
+        for c in client.chat(model=model, messages=PROMPT, stream=True, options={"num_predict": 5})
+    ]
+    g = client.generate(model=model, prompt="Once upon a time", options={"num_predict": 4})
+    e = client.embed(model=model, input=["one", "two"])
+    return {
+        "content": isinstance(r["message"]["content"], str),
+        "eval_count": r.eval_count,
+        "prompt_eval_count": r.prompt_eval_count is not None and r.prompt_eval_count > 0,
+        "rate": r.eval_count / r.eval_duration * 1e9 > 0,
+        "server_durations": r.prompt_eval_duration is not None and r.prompt_eval_duration > 0,
+        "stream_eval_count": streamed[-1].eval_count,
+        "stream_done": streamed[-1]["done"],
+        "generate_eval_count": g["eval_count"],
+        "vectors": len(e.embeddings),
+        "listed": model in [m.model for m in client.list().models],
+    }
+
+
+def test_the_idioms_against_the_real_llama_server(llama_server: Any) -> None:
+    class Lib:
+        Client = staticmethod(
+            lambda host: shared_ollama.Client(
+                endpoints=[shared_ollama.Endpoint(llama_server.url, kind="openai")]
+            )
+        )
+
+    out = real_idioms(Lib, "tiny-llama")
+    assert out == {
+        "content": True,
+        "eval_count": 6,
+        "prompt_eval_count": True,
+        "rate": True,
+        "server_durations": True,  # llama.cpp's own timings
+        "stream_eval_count": 5,
+        "stream_done": True,
+        "generate_eval_count": 4,
+        "vectors": 2,
+        "listed": True,
+    }
