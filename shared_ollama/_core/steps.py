@@ -461,6 +461,10 @@ def probe(ep: EndpointState, project: str, timeout: float, refresh_models: bool,
             return
         if health:
             yield from _health_check(ep, codec, project, timeout)
+            if refresh_models and ep.config.kind != "auto":
+                if (wrong := (yield from _wrong_kind(ep, project, timeout))) is not None:
+                    ep.set_health("wrong kind?", wrong)
+                    return
             ep.set_health("up")
         if refresh_models:
             listed = yield from _simple(ep, codec.list_models(), project, timeout)
@@ -473,6 +477,25 @@ def probe(ep: EndpointState, project: str, timeout: float, refresh_models: bool,
     except SharedOllamaError as exc:
         if health:
             ep.set_health("down", exc.message)
+
+
+def _wrong_kind(ep: EndpointState, project: str, timeout: float) -> Steps[str | None]:
+    """Why a declared kind looks wrong (its identifying route answers otherwise), or None.
+
+    The same cheap probe that auto-detection uses, for the declared kind only: a server
+    whose health route answers but that speaks another protocol would otherwise show "up"
+    until a real call failed.
+    """
+    probe = next((p for p in AUTO_PROBES if p.kind == ep.config.kind), None)
+    if probe is None:
+        return None
+    reply = yield from _simple(ep, probe.request, project, timeout)
+    if detect_kind(probe, reply) == probe.kind:
+        return None
+    return (
+        f"declared kind={ep.config.kind!r}, but {probe.request.path} did not answer like "
+        f"{probe.kind} (status {reply.status})"
+    )
 
 
 def _health_check(ep: EndpointState, codec: Codec, project: str,

@@ -18,7 +18,9 @@ from .breaker import BreakerState, EndpointBreaker
 
 __all__ = ["EndpointState", "EndpointStatus", "Health"]
 
-Health: TypeAlias = Literal["unknown", "up", "down"]
+#: ``wrong kind?``: up, but not answering like the protocol it was declared with (an Ollama
+#: server declared ``kind="openai"``, say); kept out of routing like ``down``.
+Health: TypeAlias = Literal["unknown", "up", "down", "wrong kind?"]
 
 _EWMA_ALPHA = 0.3
 #: An idle endpoint's latency estimate decays toward zero with this time constant (as in

@@ -137,9 +137,9 @@ class Pool:
             return f"{ep.kind} endpoints do not serve {operation}", None, False
         if ep.served_name(model) is None:
             return f"does not serve {model!r}", None, False
-        if ep.health == "down":
+        if ep.health == "down" or ep.health == "wrong kind?":
             interval = self.config.health.interval_s
-            return f"down ({ep.last_error or 'health probe failed'})", interval, False
+            return f"{ep.health} ({ep.last_error or 'health probe failed'})", interval, False
         admits, why = ep.breaker.admits(now)
         if not admits:
             return why, max(ep.breaker.seconds_until_probe(now), _SATURATED_RECHECK_S), False

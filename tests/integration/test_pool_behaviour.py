@@ -293,3 +293,37 @@ async def test_a_released_slot_wakes_the_waiting_call(
     own = first_end - started  # one call's own duration, measured here
     # The second ran right after the first: about one call's time later, not a re-check later.
     assert second_end - first_end < 2 * own, (own, second_end - first_end)
+
+
+@pytest.mark.parametrize(
+    ("real", "declared"), [("ollama", "openai"), ("openai", "ollama"), ("ollama", "tgi")]
+)
+def test_a_wrongly_declared_kind_shows_as_wrong_kind_not_up(real: str, declared: str) -> None:
+    """The declared protocol is checked with its own cheap probe: the endpoint shows "wrong
+    kind?" in status (and the CLI), stays out of routing, and says why."""
+    from shared_ollama import NoEndpointAvailable
+
+    with FakeEngine(kind=real, models=(MODEL,)) as eng:
+        ep = Endpoint(eng.url, kind=declared, models=[MODEL])
+        with SyncSharedClient(endpoints=[ep], **client_kwargs(health=HealthPolicy())) as client:
+            (status,) = client.pool_status()
+            assert status.health == "wrong kind?", status
+            assert f"declared kind={declared!r}" in (status.last_error or ""), status
+            with pytest.raises(NoEndpointAvailable) as info:
+                client.chat(model=MODEL, messages=MESSAGES, timeout=5)
+            assert "wrong kind?" in str(info.value)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shared_ollama",
+                "status",
+                "--endpoint",
+                f"{eng.url},{declared}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "wrong kind?" in done.stdout, done.stdout
