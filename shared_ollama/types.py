@@ -6,8 +6,11 @@ import change; ``model`` is always the logical name, ``served_model`` the backen
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +21,7 @@ __all__ = [
     "EmbedResponse",
     "GenerateChunk",
     "GenerateResponse",
+    "ImageLike",
     "ListResponse",
     "Message",
     "MessageLike",
@@ -69,6 +73,26 @@ class _Model(BaseModel):
     def get(self, key: str, default: Any = None) -> Any:
         """The field ``key``, or ``default`` when it is not there (as ``ollama``'s ``get``)."""
         return getattr(self, key) if key in self else default
+
+
+def image_data(value: Any) -> str:
+    """An image as the base64 text the servers take: ``bytes``, a path (``Path`` or a string
+    naming a file), an ``ollama.Image``, or base64 / a URL already (kept as given)."""
+    value = getattr(value, "value", value)  # ollama.Image
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, os.PathLike):
+        return base64.b64encode(Path(value).read_bytes()).decode("ascii")
+    if isinstance(value, str):
+        looks_like_path = (
+            len(value) < 4096
+            and not value.startswith("data:")
+            and (value.startswith(("/", "./", "~")) or Path(value).suffix != "")
+        )
+        if looks_like_path and Path(value).expanduser().is_file():
+            return base64.b64encode(Path(value).expanduser().read_bytes()).decode("ascii")
+        return value
+    raise ValueError(f"an image must be bytes, a path or base64 text, not {type(value).__name__}")
 
 
 def _now_iso() -> str:
@@ -138,6 +162,13 @@ class Message(_Model):
     tool_calls: list[ToolCall] | None = None
     tool_name: str | None = None
 
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str | bytes):
+            return None if v is None else [image_data(v)]
+        return [image_data(i) for i in v]
+
     @field_validator("content", mode="before")
     @classmethod
     def _content(cls, v: Any) -> Any:
@@ -145,6 +176,8 @@ class Message(_Model):
 
 
 MessageLike: TypeAlias = Message | Mapping[str, Any]
+#: An image: base64 text, raw ``bytes``, or the path of a file.
+ImageLike: TypeAlias = str | bytes | os.PathLike[str]
 
 
 class Usage(_Model):

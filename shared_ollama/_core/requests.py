@@ -25,7 +25,7 @@ from ..protocols import (
     WireResponse,
 )
 from ..protocols.decoders import excerpt
-from ..types import Message, MessageLike
+from ..types import Message, MessageLike, image_data
 
 __all__ = ["Op", "chat_op", "embed_op", "generate_op", "show_op", "tool_from_function"]
 
@@ -260,7 +260,7 @@ def generate_op(
     think: bool | str | None,
     raw: bool | None,
     format: Any,
-    images: Sequence[str] | None,
+    images: Sequence[Any] | None,
     options: Mapping[str, Any] | None,
     keep_alive: float | str | None,
 ) -> Op[Parsed]:
@@ -268,6 +268,10 @@ def generate_op(
     if not isinstance(prompt, str):
         raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
     opts = _options(options)
+    try:
+        pictures = None if images is None else [image_data(i) for i in images]
+    except (ValueError, OSError) as exc:
+        raise InvalidRequest(f"images: {exc}") from None
 
     def build(codec: Codec, served: str) -> WireRequest:
         return codec.generate(
@@ -279,7 +283,7 @@ def generate_op(
                 system=system,
                 template=template,
                 context=list(context) if context is not None else None,
-                images=list(images) if images is not None else None,
+                images=pictures,
                 raw=raw,
                 options=opts,
                 format=format,

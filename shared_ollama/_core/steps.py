@@ -461,10 +461,10 @@ def probe(ep: EndpointState, project: str, timeout: float, refresh_models: bool,
             return
         if health:
             yield from _health_check(ep, codec, project, timeout)
-            if refresh_models and ep.config.kind != "auto":
-                if (wrong := (yield from _wrong_kind(ep, project, timeout))) is not None:
-                    ep.set_health("wrong kind?", wrong)
-                    return
+            verify = refresh_models and ep.config.kind != "auto"
+            if verify and (wrong := (yield from _wrong_kind(ep, project, timeout))) is not None:
+                ep.set_health("wrong kind?", wrong)
+                return
             ep.set_health("up")
         if refresh_models:
             listed = yield from _simple(ep, codec.list_models(), project, timeout)
