@@ -33,12 +33,12 @@ from .config import (
     load_config,
     ollama_endpoints,
 )
-from .errors import ClientClosed, ConfigError, SharedOllamaError
-from .pool import EndpointStatus, Pool
-from .protocols import ListedModel, Parsed, Piece
+from .errors import ClientClosed, ConfigError, InvalidRequest, NotSupported, SharedOllamaError
+from .pool import EndpointState, EndpointStatus, Pool
+from .protocols import ListedModel, Parsed, Piece, WireRequest
 from .records import CallListener, CallRecord
 from .telemetry import CallSpan, Telemetry
-from .types import ModelInfo, RunningModel, ShowResponse
+from .types import ModelInfo, ProgressResponse, RunningModel, ShowResponse
 from .usage import UsageTracker
 
 __all__ = ["NOT_GIVEN", "BaseClient", "EndpointLike", "NotGiven"]
@@ -329,6 +329,44 @@ class BaseClient(Generic[TransportT]):
         yield from self._lazy_start()
         return (yield from body)
 
+    def _managing(self, operation: str, model: str, body: Mapping[str, Any], *,
+                  endpoint: str | None, project: str | None,
+                  timeout: float | NotGiven | None, stream: bool,
+                  method: str = "POST") -> Steps[Any]:  # fmt: skip
+        """A model-management call (``pull``, ``push``, ``create``, ``delete``, ``copy``) on
+        ``endpoint`` (a URL or name) or on every Ollama endpoint, accounted as one call.
+
+        A stream yields ``Deliver(ProgressResponse)``; otherwise the answer is a
+        ``{endpoint url: final status}`` mapping.
+        """
+        if not self._started:
+            yield from self._lazy_start()
+        targets = self._ollama_targets(operation, endpoint)
+        plan, span = self._plan(operation, model, stream=stream, project=project,
+                                timeout=timeout, tags=None)  # fmt: skip
+        wire = WireRequest(method, f"/api/{operation}", json=dict(body))
+        make = _progress if stream else None
+        answers, _ = yield from self._accounted(plan, span, steps.manage(plan, targets, wire, make))
+        if stream:
+            return None  # the end of the stream
+        return {url: str(obj.get("status", "success")) for url, obj in answers}
+
+    def _ollama_targets(self, operation: str, endpoint: str | None) -> list[EndpointState]:
+        eps = self._pool.endpoints
+        if endpoint is not None:
+            chosen = [ep for ep in eps if endpoint in (ep.url, ep.name)]
+            if not chosen:
+                raise InvalidRequest(f"{operation}: no endpoint {endpoint!r} in the pool")
+        else:
+            chosen = [ep for ep in eps if ep.kind == "ollama"]
+        wrong = [ep for ep in chosen if ep.kind != "ollama" or ep.codec is None]
+        if not chosen or wrong:
+            kinds = ", ".join(sorted({f"{ep.name}: {ep.kind or 'undetected'}" for ep in eps}))
+            raise NotSupported(
+                f"{operation} is an Ollama call; no Ollama endpoint can take it ({kinds})"
+            )
+        return chosen
+
     def _probe_steps(self) -> Steps[None]:
         """Start-up: every endpoint probed at once, models discovered."""
         health = self.config.health
@@ -414,6 +452,10 @@ class BaseClient(Generic[TransportT]):
     def __repr__(self) -> str:
         eps = ", ".join(e.display_name for e in self.config.endpoints)
         return f"{type(self).__name__}(project={self.project!r}, endpoints=[{eps}])"
+
+
+def _progress(url: str, obj: dict[str, Any]) -> ProgressResponse:
+    return ProgressResponse.model_validate({**obj, "endpoint": url})
 
 
 def _first_error(exc: Exception) -> str:

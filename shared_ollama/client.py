@@ -22,8 +22,8 @@ from typing import Any, Literal, overload
 import httpx
 
 from ._base import NOT_GIVEN, BaseClient, NotGiven
-from ._core.requests import chat_op, embed_op, generate_op, show_op
-from ._core.results import CHUNKS, RESPONSES
+from ._core.requests import chat_op, create_body, embed_op, generate_op, show_op
+from ._core.results import CHUNKS, RESPONSES, embeddings_response
 from ._core.steps import (
     NOW,
     WALL,
@@ -45,14 +45,17 @@ from .errors import ClientClosed, ProtocolError, SharedOllamaError, Timeout
 from .types import (
     ChatChunk,
     ChatResponse,
+    EmbeddingsResponse,
     EmbedResponse,
     GenerateChunk,
     GenerateResponse,
     ImageLike,
     ListResponse,
     MessageLike,
+    ProgressResponse,
     PsResponse,
     ShowResponse,
+    StatusResponse,
 )
 
 __all__ = ["SharedClient", "SyncSharedClient"]
@@ -612,6 +615,147 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         listed, _ = await self._run(self._listing("ps", project))
         return PsResponse(models=self._logical_models(listed, running=True))
 
+    # -- model management (Ollama endpoints) ---------------------------------------------
+    async def pull(
+        self,
+        model: str,
+        *,
+        insecure: bool = False,
+        stream: bool = False,
+        endpoint: str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+    ) -> ProgressResponse | AsyncIterator[ProgressResponse]:
+        """Pull ``model`` onto every Ollama endpoint (or ``endpoint``); ``stream=True``
+        returns the progress of each endpoint in turn."""
+        body = {"model": model, "insecure": insecure, "stream": stream}
+        return await self._admin("pull", model, body, endpoint, project, timeout, stream)
+
+    async def push(
+        self,
+        model: str,
+        *,
+        insecure: bool = False,
+        stream: bool = False,
+        endpoint: str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+    ) -> ProgressResponse | AsyncIterator[ProgressResponse]:
+        """Push ``model`` from every Ollama endpoint (or ``endpoint``) to its registry."""
+        body = {"model": model, "insecure": insecure, "stream": stream}
+        return await self._admin("push", model, body, endpoint, project, timeout, stream)
+
+    async def create(
+        self,
+        model: str,
+        quantize: str | None = None,
+        from_: str | None = None,
+        files: Mapping[str, str] | None = None,
+        adapters: Mapping[str, str] | None = None,
+        template: str | None = None,
+        license: str | Sequence[str] | None = None,
+        system: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        messages: Sequence[MessageLike] | None = None,
+        *,
+        stream: bool = False,
+        endpoint: str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+    ) -> ProgressResponse | AsyncIterator[ProgressResponse]:
+        """Create ``model`` (from a base model, files, a template...) on Ollama endpoints."""
+        body = create_body(
+            model,
+            quantize,
+            from_,
+            files,
+            adapters,
+            template,
+            license,
+            system,
+            parameters,
+            messages,
+            stream,
+        )
+        return await self._admin("create", model, body, endpoint, project, timeout, stream)
+
+    async def delete(
+        self, model: str, *, endpoint: str | None = None, project: str | None = None
+    ) -> StatusResponse:
+        """Delete ``model`` from every Ollama endpoint (or ``endpoint``)."""
+        done = await self._run(
+            self._managing(
+                "delete",
+                model,
+                {"model": model},
+                endpoint=endpoint,
+                project=project,
+                timeout=NOT_GIVEN,
+                stream=False,
+                method="DELETE",
+            )
+        )
+        return StatusResponse(status="success", endpoints=done)
+
+    async def copy(
+        self,
+        source: str,
+        destination: str,
+        *,
+        endpoint: str | None = None,
+        project: str | None = None,
+    ) -> StatusResponse:
+        """Copy ``source`` to ``destination`` on every Ollama endpoint (or ``endpoint``)."""
+        body = {"source": source, "destination": destination}
+        done = await self._run(
+            self._managing(
+                "copy",
+                source,
+                body,
+                endpoint=endpoint,
+                project=project,
+                timeout=NOT_GIVEN,
+                stream=False,
+            )
+        )
+        return StatusResponse(status="success", endpoints=done)
+
+    async def embeddings(
+        self,
+        model: str = "",
+        prompt: str = "",
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        *,
+        project: str | None = None,
+    ) -> EmbeddingsResponse:
+        """ollama's legacy single-vector embedding, on any endpoint that embeds."""
+        r = await self.embed(model, prompt, options=options, keep_alive=keep_alive, project=project)
+        return embeddings_response(r)
+
+    async def _admin(
+        self,
+        operation: str,
+        model: str,
+        body: dict[str, Any],
+        endpoint: str | None,
+        project: str | None,
+        timeout: float | NotGiven | None,
+        stream: bool,
+    ) -> ProgressResponse | AsyncIterator[ProgressResponse]:
+        run = self._managing(
+            operation,
+            model,
+            body,
+            endpoint=endpoint,
+            project=project,
+            timeout=timeout,
+            stream=stream,
+        )
+        if stream:
+            return self._iterate(run)
+        return ProgressResponse(status="success", endpoints=await self._run(run))
+
 
 # ======================================================================================
 # sync
@@ -1063,3 +1207,144 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         """Models loaded in memory across the pool."""
         listed, _ = self._run(self._listing("ps", project))
         return PsResponse(models=self._logical_models(listed, running=True))
+
+    # -- model management (Ollama endpoints) ---------------------------------------------
+    def pull(
+        self,
+        model: str,
+        *,
+        insecure: bool = False,
+        stream: bool = False,
+        endpoint: str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+    ) -> ProgressResponse | Iterator[ProgressResponse]:
+        """Pull ``model`` onto every Ollama endpoint (or ``endpoint``); ``stream=True``
+        returns the progress of each endpoint in turn."""
+        body = {"model": model, "insecure": insecure, "stream": stream}
+        return self._admin("pull", model, body, endpoint, project, timeout, stream)
+
+    def push(
+        self,
+        model: str,
+        *,
+        insecure: bool = False,
+        stream: bool = False,
+        endpoint: str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+    ) -> ProgressResponse | Iterator[ProgressResponse]:
+        """Push ``model`` from every Ollama endpoint (or ``endpoint``) to its registry."""
+        body = {"model": model, "insecure": insecure, "stream": stream}
+        return self._admin("push", model, body, endpoint, project, timeout, stream)
+
+    def create(
+        self,
+        model: str,
+        quantize: str | None = None,
+        from_: str | None = None,
+        files: Mapping[str, str] | None = None,
+        adapters: Mapping[str, str] | None = None,
+        template: str | None = None,
+        license: str | Sequence[str] | None = None,
+        system: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        messages: Sequence[MessageLike] | None = None,
+        *,
+        stream: bool = False,
+        endpoint: str | None = None,
+        project: str | None = None,
+        timeout: float | NotGiven | None = NOT_GIVEN,
+    ) -> ProgressResponse | Iterator[ProgressResponse]:
+        """Create ``model`` (from a base model, files, a template...) on Ollama endpoints."""
+        body = create_body(
+            model,
+            quantize,
+            from_,
+            files,
+            adapters,
+            template,
+            license,
+            system,
+            parameters,
+            messages,
+            stream,
+        )
+        return self._admin("create", model, body, endpoint, project, timeout, stream)
+
+    def delete(
+        self, model: str, *, endpoint: str | None = None, project: str | None = None
+    ) -> StatusResponse:
+        """Delete ``model`` from every Ollama endpoint (or ``endpoint``)."""
+        done = self._run(
+            self._managing(
+                "delete",
+                model,
+                {"model": model},
+                endpoint=endpoint,
+                project=project,
+                timeout=NOT_GIVEN,
+                stream=False,
+                method="DELETE",
+            )
+        )
+        return StatusResponse(status="success", endpoints=done)
+
+    def copy(
+        self,
+        source: str,
+        destination: str,
+        *,
+        endpoint: str | None = None,
+        project: str | None = None,
+    ) -> StatusResponse:
+        """Copy ``source`` to ``destination`` on every Ollama endpoint (or ``endpoint``)."""
+        body = {"source": source, "destination": destination}
+        done = self._run(
+            self._managing(
+                "copy",
+                source,
+                body,
+                endpoint=endpoint,
+                project=project,
+                timeout=NOT_GIVEN,
+                stream=False,
+            )
+        )
+        return StatusResponse(status="success", endpoints=done)
+
+    def embeddings(
+        self,
+        model: str = "",
+        prompt: str = "",
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        *,
+        project: str | None = None,
+    ) -> EmbeddingsResponse:
+        """ollama's legacy single-vector embedding, on any endpoint that embeds."""
+        r = self.embed(model, prompt, options=options, keep_alive=keep_alive, project=project)
+        return embeddings_response(r)
+
+    def _admin(
+        self,
+        operation: str,
+        model: str,
+        body: dict[str, Any],
+        endpoint: str | None,
+        project: str | None,
+        timeout: float | NotGiven | None,
+        stream: bool,
+    ) -> ProgressResponse | Iterator[ProgressResponse]:
+        run = self._managing(
+            operation,
+            model,
+            body,
+            endpoint=endpoint,
+            project=project,
+            timeout=timeout,
+            stream=stream,
+        )
+        if stream:
+            return self._iterate(run)
+        return ProgressResponse(status="success", endpoints=self._run(run))

@@ -24,12 +24,18 @@ __all__ = [
     "AsyncClient",
     "Client",
     "chat",
+    "copy",
+    "create",
+    "delete",
     "embed",
+    "embeddings",
     "generate",
     "list",
     "ollama_endpoints",
     "parse_host",
     "ps",
+    "pull",
+    "push",
     "show",
 ]
 
@@ -128,3 +134,33 @@ def ps(**kwargs: Any) -> Any:
 def show(*args: Any, **kwargs: Any) -> Any:
     """``ollama.show`` on the default client."""
     return _client().show(*args, **kwargs)
+
+
+def embeddings(*args: Any, **kwargs: Any) -> Any:
+    """``ollama.embeddings`` (legacy, one vector) on the default client."""
+    return _client().embeddings(*args, **kwargs)
+
+
+def pull(*args: Any, **kwargs: Any) -> Any:
+    """``ollama.pull`` on the default client (every Ollama endpoint of its pool)."""
+    return _client().pull(*args, **kwargs)
+
+
+def push(*args: Any, **kwargs: Any) -> Any:
+    """``ollama.push`` on the default client."""
+    return _client().push(*args, **kwargs)
+
+
+def create(*args: Any, **kwargs: Any) -> Any:
+    """``ollama.create`` on the default client."""
+    return _client().create(*args, **kwargs)
+
+
+def delete(*args: Any, **kwargs: Any) -> Any:
+    """``ollama.delete`` on the default client."""
+    return _client().delete(*args, **kwargs)
+
+
+def copy(*args: Any, **kwargs: Any) -> Any:
+    """``ollama.copy`` on the default client."""
+    return _client().copy(*args, **kwargs)

@@ -14,6 +14,7 @@ attempt count and the server's own message where there was one::
      ├── RequestError             the request is wrong; never retried
      │    ├── ModelNotFound       404 / unknown model / no endpoint serves it  (+ ResponseError)
      │    ├── InvalidRequest      400 / 422 / unsupported operation, bad input (+ ResponseError)
+     │    │    └── NotSupported   the operation needs a kind of endpoint the pool lacks
      │    └── AuthError           401 / 403                               (+ ResponseError)
      ├── ResponseError            ollama-python's name for an error answer: ``.error``,
      │                            ``.status_code`` (the classes marked above are also one)
@@ -44,6 +45,7 @@ __all__ = [
     "InvalidRequest",
     "ModelNotFound",
     "NoEndpointAvailable",
+    "NotSupported",
     "Overloaded",
     "ProtocolError",
     "RateLimited",
@@ -178,6 +180,11 @@ class ModelNotFound(RequestError, ResponseError):
 
 class InvalidRequest(RequestError, ResponseError):
     """The server (or the library) rejected the request as invalid."""
+
+
+class NotSupported(InvalidRequest):
+    """The operation exists only on some kinds of endpoint (``pull`` and the other model
+    management calls: Ollama), and none of them can take it."""
 
 
 class AuthError(RequestError, ResponseError):

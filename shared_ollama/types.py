@@ -19,6 +19,7 @@ __all__ = [
     "ChatChunk",
     "ChatResponse",
     "EmbedResponse",
+    "EmbeddingsResponse",
     "GenerateChunk",
     "GenerateResponse",
     "ImageLike",
@@ -29,10 +30,12 @@ __all__ = [
     "ModelInfo",
     "Operation",
     "Options",
+    "ProgressResponse",
     "PsResponse",
     "RunningModel",
     "ServerTimings",
     "ShowResponse",
+    "StatusResponse",
     "Timings",
     "ToolCall",
     "ToolCallFunction",
@@ -308,6 +311,32 @@ class EmbedResponse(_Served, _OllamaCounts):
     """Embeddings, one vector per input."""
 
     embeddings: list[list[float]] = Field(default_factory=list)
+
+
+class ProgressResponse(_Model):
+    """A model-management progress report (``pull``/``push``/``create``), as ollama's; a
+    stream's chunks carry the ``endpoint`` they come from, a whole answer every endpoint's
+    final status in ``endpoints``."""
+
+    status: str | None = None
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+    endpoint: str = ""
+    endpoints: dict[str, str] = Field(default_factory=dict)
+
+
+class StatusResponse(_Model):
+    """``delete``/``copy``: ``status`` ("success"), per endpoint in ``endpoints``."""
+
+    status: str | None = None
+    endpoints: dict[str, str] = Field(default_factory=dict)
+
+
+class EmbeddingsResponse(_Served):
+    """The legacy ``embeddings`` call's answer: one vector."""
+
+    embedding: list[float] = Field(default_factory=list)
 
 
 class ModelDetails(_Model):

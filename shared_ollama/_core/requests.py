@@ -27,7 +27,15 @@ from ..protocols import (
 from ..protocols.decoders import excerpt
 from ..types import Message, MessageLike, image_data
 
-__all__ = ["Op", "chat_op", "embed_op", "generate_op", "show_op", "tool_from_function"]
+__all__ = [
+    "Op",
+    "chat_op",
+    "create_body",
+    "embed_op",
+    "generate_op",
+    "show_op",
+    "tool_from_function",
+]
 
 T = TypeVar("T")
 
@@ -341,3 +349,28 @@ def show_op(model: str) -> Op[dict[str, Any]]:
         return {"details": dict(details)}
 
     return Op("show", model, False, build, parse)
+
+
+def create_body(
+    model: str,
+    quantize: str | None,
+    from_: str | None,
+    files: Mapping[str, str] | None,
+    adapters: Mapping[str, str] | None,
+    template: str | None,
+    license: str | Sequence[str] | None,
+    system: str | None,
+    parameters: Mapping[str, Any] | None,
+    messages: Sequence[MessageLike] | None,
+    stream: bool,
+) -> dict[str, Any]:
+    """Ollama's ``/api/create`` body, the fields given only."""
+    _check_model(model)
+    body: dict[str, Any] = {"model": model, "stream": stream}
+    given = {"quantize": quantize, "from": from_, "files": files, "adapters": adapters,
+             "template": template, "license": license, "system": system,
+             "parameters": parameters}  # fmt: skip
+    body.update({k: v for k, v in given.items() if v is not None})
+    if messages:
+        body["messages"] = [m.model_dump(exclude_none=True) for m in _messages(messages)]
+    return body

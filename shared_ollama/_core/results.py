@@ -10,6 +10,7 @@ from ..records import CallRecord
 from ..types import (
     ChatChunk,
     ChatResponse,
+    EmbeddingsResponse,
     EmbedResponse,
     GenerateChunk,
     GenerateResponse,
@@ -158,6 +159,13 @@ def generate_chunk(rec: CallRecord, piece: Piece) -> GenerateChunk:
         tokens=piece.tokens,
         **_final(rec, piece),
     )
+
+
+def embeddings_response(r: EmbedResponse) -> EmbeddingsResponse:
+    """ollama's legacy ``embeddings`` answer (one vector) from an ``embed`` answer."""
+    fields = r.model_dump(include={"model", "served_model", "endpoint", "request_id", "attempts"})
+    vector = r.embeddings[0] if r.embeddings else []
+    return EmbeddingsResponse(embedding=vector, usage=r.usage, timings=r.timings, **fields)
 
 
 RESPONSES: dict[str, Callable[[CallRecord, Parsed], Any]] = {

@@ -11,6 +11,7 @@ driver blocks; nothing here touches a socket, a loop, a thread or the clock.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,6 +21,7 @@ from ..config import Endpoint, HealthPolicy, Limits
 from ..errors import ClientClosed, NoEndpointAvailable, SharedOllamaError
 from ..pool import AUTO_PROBES, EndpointState, detect_kind, next_probe_delay
 from ..protocols import Codec, ListedModel, Parsed, Piece, WireRequest, WireResponse
+from ..protocols.decoders import NDJSONDecoder
 from ..records import CallRecord
 from .plan import Attempt, CallPlan
 from .requests import Op
@@ -47,6 +49,7 @@ __all__ = [
     "fan_out",
     "health_loop",
     "list_one",
+    "manage",
     "open_stream",
     "probe",
     "probe_all",
@@ -567,3 +570,68 @@ def list_one(ep: EndpointState, operation: str, project: str,
     if operation == "list":
         ep.set_models(m.name for m in models)
     return [(ep.url, m) for m in models]
+
+
+# -- model management (Ollama endpoints) -------------------------------------------------
+Progress = Callable[[str, dict[str, Any]], Any]
+
+
+def manage(plan: CallPlan, targets: Sequence[EndpointState], wire: WireRequest,
+           make: Progress | None) -> Steps[list[tuple[str, Any]]]:  # fmt: skip
+    """``pull``/``push``/``create``/``delete``/``copy`` on every target endpoint.
+
+    Without ``make``: all targets at once, each answer's last status object; with ``make``
+    (a stream), one target after the other, each progress object ``Deliver``ed as
+    ``make(endpoint_url, obj)``. A failure on any target is raised (typed, with its
+    endpoint); the targets' model lists are read again afterwards either way.
+    """
+    try:
+        if make is None:
+            parts = [_managed(plan, ep, wire, None) for ep in targets]
+            results = yield Gather(parts)
+            for res in results:
+                if isinstance(res, SharedOllamaError):
+                    raise res
+            return [(ep.url, res) for ep, res in zip(targets, results, strict=True)]
+        for ep in targets:
+            yield from _managed(plan, ep, wire, make)
+        return []
+    finally:
+        project, timeout = plan.record.project, plan.timeouts.first_chunk_s or 30.0
+        yield Gather([list_one(ep, "list", project, timeout) for ep in targets])
+
+
+def _managed(plan: CallPlan, ep: EndpointState, wire: WireRequest,
+             make: Progress | None) -> Steps[dict[str, Any]]:  # fmt: skip
+    codec = ep.codec
+    assert codec is not None
+    headers = request_headers(ep.config, plan.record.request_id, plan.record.project, None)
+    # No phase deadline: a pull takes as long as the download; the call's total one holds.
+    head: Head = yield Send(ep, wire, headers, None, plan.deadline, plan.model)
+    last: dict[str, Any] = {}
+    try:
+        if not is_answer(head.status):
+            size, failed = _body_bound(plan.limits, head)
+            body: bytes = yield Read(head, ep, "first_chunk", None, plan.deadline, True,
+                                     plan.model, size, failed)  # fmt: skip
+            reply = WireResponse(head.status, head.headers, body)
+            raise _error(codec, reply, ep, plan, (yield WALL))
+        what = f"Ollama {wire.path} progress"
+        decoder = NDJSONDecoder(what=what)
+        while True:
+            data: bytes | None = yield Read(head, ep, "between_chunks", None, plan.deadline,
+                                            model=plan.model)  # fmt: skip
+            objects = decoder.feed(data) if data is not None else decoder.flush()
+            for obj in objects:
+                if not isinstance(obj, dict):
+                    continue
+                if isinstance(obj.get("error"), str):  # Ollama reports a failed pull in-band
+                    reply = WireResponse(500, head.headers, json.dumps(obj).encode())
+                    raise _error(codec, reply, ep, plan, (yield WALL))
+                last = obj
+                if make is not None:
+                    yield Deliver(make(ep.url, obj))
+            if data is None:
+                return last or {"status": "success"}  # delete and copy answer an empty 200
+    finally:
+        yield Close(head)

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ._http import (
@@ -80,7 +80,8 @@ class OllamaApi:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.served = tuple(dict.fromkeys(canonical(m) for m in rt.settings.models))
+        #: Served models; pull, create, copy and delete change it as Ollama's would.
+        self.served = list(dict.fromkeys(canonical(m) for m in rt.settings.models))
 
     def routes(self) -> list[Route]:
         return [
@@ -93,6 +94,11 @@ class OllamaApi:
             Route("/api/generate", self.generate, methods=["POST"]),
             Route("/api/embed", self.embed, methods=["POST"]),
             Route("/api/embeddings", self.embeddings, methods=["POST"]),
+            Route("/api/pull", self.pull, methods=["POST"]),
+            Route("/api/push", self.push, methods=["POST"]),
+            Route("/api/create", self.create, methods=["POST"]),
+            Route("/api/copy", self.copy, methods=["POST"]),
+            Route("/api/delete", self.delete, methods=["DELETE"]),
         ]
 
     # -- request parsing ---------------------------------------------------------------------
@@ -290,6 +296,73 @@ class OllamaApi:
             for m in self.rt.loaded()
         ]
         return JSONReply(ctx_of(request), {"models": models})
+
+    def _progress(self, body: Mapping[str, Any], steps: list[dict[str, Any]]) -> Response:
+        """Ollama's progress reply: NDJSON statuses ending in "success", or only the last."""
+        if body.get("stream") is False:
+            return JSONResponse(steps[-1])
+        return StreamingResponse(
+            iter([_line(step) for step in steps]), media_type="application/x-ndjson"
+        )
+
+    def _name(self, body: Mapping[str, Any], key: str = "model") -> str:
+        name = body.get(key) or (body.get("name") if key == "model" else None)
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, f"{key} is required")
+        return canonical(name)
+
+    async def pull(self, request: Request) -> Response:
+        body = self._body(ctx_of(request))
+        name = self._name(body)
+        digest = f"sha256:{_digest(name)}"
+        layers = [
+            {"status": f"pulling {digest[7:19]}", "digest": digest, "total": MODEL_SIZE,
+             "completed": done}
+            for done in (0, MODEL_SIZE // 2, MODEL_SIZE)
+        ]  # fmt: skip
+        if name not in self.served:
+            self.served.append(name)
+        steps: list[dict[str, Any]] = [{"status": "pulling manifest"}, *layers,
+                 {"status": "verifying sha256 digest"},
+                 {"status": "writing manifest"}, {"status": "success"}]  # fmt: skip
+        return self._progress(body, steps)
+
+    async def push(self, request: Request) -> Response:
+        body = self._body(ctx_of(request))
+        name = self._name(body)
+        if name not in self.served:
+            raise ApiError(404, f"model '{name}' not found")
+        steps = [{"status": "retrieving manifest"}, {"status": "pushing manifest"},
+                 {"status": "success"}]  # fmt: skip
+        return self._progress(body, steps)
+
+    async def create(self, request: Request) -> Response:
+        body = self._body(ctx_of(request))
+        name = self._name(body)
+        base = body.get("from")
+        if isinstance(base, str) and canonical(base) not in self.served:
+            raise ApiError(404, f"model '{base}' not found")
+        if name not in self.served:
+            self.served.append(name)
+        steps = [{"status": "reading model metadata"}, {"status": "writing manifest"},
+                 {"status": "success"}]  # fmt: skip
+        return self._progress(body, steps)
+
+    async def copy(self, request: Request) -> Response:
+        body = self._body(ctx_of(request))
+        source, destination = self._name(body, "source"), self._name(body, "destination")
+        if source not in self.served:
+            raise ApiError(404, f"model '{source}' not found")
+        if destination not in self.served:
+            self.served.append(destination)
+        return Response(status_code=200)
+
+    async def delete(self, request: Request) -> Response:
+        name = self._name(self._body(ctx_of(request)))
+        if name not in self.served:
+            raise ApiError(404, f"model '{name}' not found")
+        self.served.remove(name)
+        return Response(status_code=200)
 
     async def show(self, request: Request) -> Response:
         ctx = ctx_of(request)

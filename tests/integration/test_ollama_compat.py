@@ -167,7 +167,24 @@ def module_level_idioms(lib: ModuleType, host: str) -> dict[str, Any]:
     return {"content": r["message"]["content"], "eval_count": r["eval_count"]}
 
 
+def management_idioms(lib: ModuleType, host: str) -> dict[str, Any]:
+    client = lib.Client(host=host)
+    pulled = client.pull("pulled-model")
+    statuses = [p.status for p in client.pull("pulled-model", stream=True)]
+    copied = client.copy("pulled-model", "copied-model")
+    deleted = client.delete("copied-model")
+    legacy = client.embeddings(model=MODEL, prompt="one two")
+    return {
+        "pull": pulled["status"],
+        "stream": (statuses[0], statuses[-1]),
+        "copy": copied.status,
+        "delete": deleted["status"],
+        "embedding": len(legacy["embedding"]) > 0,
+    }
+
+
 IDIOMS: dict[str, Callable[[ModuleType, str], dict[str, Any]]] = {
+    "model management": management_idioms,
     "chat": chat_idioms,
     "stream": stream_idioms,
     "generate": generate_idioms,
