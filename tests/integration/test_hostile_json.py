@@ -9,6 +9,7 @@ and the call ends in a ``SharedOllamaError`` that is recorded as an error, not a
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -226,3 +227,34 @@ def test_the_bench_cli_answers_bad_input_with_one_line(args: list[str]) -> None:
     assert done.stderr.count("\n") == 1, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert "hunter2" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    ("how", "value"),
+    [
+        ("env", "http://user:hunter2@gpu-a:11434"),
+        ("env", "http://gpu-a:11434/?token=hunter2"),
+        ("toml", '[[endpoints]]\nurl = "http://gpu-a:11434/?key=hunter2"\n'),
+        ("toml", '[[endpoints]]\nurl = "http://a:1"\nmax_in_flight = "hunter2"\n'),
+        ("toml", "[[endpoints]\nurl = 'hunter2'\n"),
+    ],
+)
+def test_bad_config_from_env_or_toml_is_one_line_without_the_secret(
+    how: str, value: str, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_OLLAMA_")}
+    args = [sys.executable, "-m", "shared_ollama", "status"]
+    if how == "env":
+        env["SHARED_OLLAMA_ENDPOINTS"] = value
+    else:
+        pool = tmp_path / "pool.toml"
+        pool.write_text(value)
+        args += ["--config", str(pool)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr and "hunter2" not in done.stderr + done.stdout
