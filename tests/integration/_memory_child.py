@@ -1,16 +1,19 @@
-"""Child process of test_hostile_memory: one call against a hostile server, its peak RSS.
+"""Child process of test_hostile_memory: one call against a hostile server, its RSS.
 
 ``python -m tests.integration._memory_child URL CASE CLIENT SECONDS`` prints one JSON line:
-the error type and message (if any), chunks read, and the growth of the peak RSS (MiB) from
-a started client to the end of the call. A process of its own, so the memory is its own.
+the error type and message (if any), chunks read, and the growth of the resident set (MiB)
+during the call: the highest RSS sampled every few milliseconds while it ran, minus the RSS
+of the started client just before it. (The process's peak RSS would hide a growth smaller
+than what imports once took and gave back.) A process of its own, so the memory is its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import resource
+import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -27,8 +30,43 @@ from shared_ollama import (
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+_PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE_MIB
+
+
+class RssWatch:
+    """The highest RSS seen by a thread sampling every 2 ms, from ``start()`` on."""
+
+    def __init__(self) -> None:
+        self.high = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.high = max(self.high, rss_mib())
+
+    def start(self) -> float:
+        self.high = before = rss_mib()
+        self._thread.start()
+        return before
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.high, rss_mib())
+
+
+WATCH = RssWatch()
+
+
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """The RSS now, as the baseline (the sampler starts with it)."""
+    return WATCH.start()
 
 
 def settings(url: str) -> dict[str, Any]:
@@ -88,7 +126,7 @@ def report(before: float, chunks: int, error: BaseException | None) -> dict[str,
         "message": str(error)[:2000] if error is not None else None,
         "server_message": getattr(error, "server_message", None),
         "chunks": chunks,
-        "growth_mib": peak_mib() - before,
+        "growth_mib": WATCH.stop() - before,
     }
 
 
