@@ -11,6 +11,7 @@ time_to_first_chunk`` (s) and ``gen_ai.client.operation.time_per_output_chunk`` 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -78,8 +79,10 @@ def _capture_from_env() -> bool:
     return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() in _CAPTURE_ON
 
 
+@functools.lru_cache(maxsize=256)
 def _server(url: str | None) -> dict[str, AttributeValue]:
-    """``server.address``/``server.port`` of an endpoint URL (never its credentials)."""
+    """``server.address``/``server.port`` of an endpoint URL (never its credentials); cached:
+    a pool has a handful of endpoints and this runs twice a call. Callers copy the result."""
     if not url:
         return {}
     try:

@@ -14,10 +14,6 @@ from ..types import (
     EmbedResponse,
     GenerateChunk,
     GenerateResponse,
-    Message,
-    ServerTimings,
-    Timings,
-    Usage,
 )
 
 __all__ = ["CHUNKS", "RESPONSES", "chat_chunk", "generate_chunk", "response_fields"]
@@ -66,50 +62,47 @@ def ollama_counts(rec: CallRecord, end_ns: int) -> dict[str, Any]:
 
 
 def response_fields(rec: CallRecord, parsed: Parsed) -> dict[str, Any]:
-    """The fields every full response shares, from the call's record."""
+    """The fields every full response shares, from the call's record, as plain data: the
+    response is validated once, nested models included (one pydantic call, not five)."""
     return {
         **ollama_counts(rec, rec.t_end_ns or rec.t_start_ns),
         "model": rec.model or "",
         "served_model": parsed.served_model or rec.served_model or "",
         "endpoint": rec.endpoint or "",
-        "usage": Usage(input_tokens=parsed.input_tokens, output_tokens=parsed.output_tokens),
-        "timings": Timings(
-            t_start_ns=rec.t_start_ns,
-            t_first_chunk_ns=rec.t_first_chunk_ns,
-            t_end_ns=rec.t_end_ns,
-            server=ServerTimings.model_validate(rec.server_timings),
-        ),
+        "usage": {"input_tokens": parsed.input_tokens, "output_tokens": parsed.output_tokens},
+        "timings": {
+            "t_start_ns": rec.t_start_ns,
+            "t_first_chunk_ns": rec.t_first_chunk_ns,
+            "t_end_ns": rec.t_end_ns,
+            "server": rec.server_timings,
+        },
         "request_id": rec.request_id,
         "attempts": len(rec.attempts),
     }
 
 
-def _message(p: Parsed | Piece) -> Message:
-    return Message(role="assistant", content=p.text, thinking=p.thinking, tool_calls=p.tool_calls)
+def _message(p: Parsed | Piece, role: str = "assistant") -> dict[str, Any]:
+    message: dict[str, Any] = {"role": role, "content": p.text}
+    if p.thinking is not None:
+        message["thinking"] = p.thinking
+    if p.tool_calls is not None:
+        message["tool_calls"] = p.tool_calls
+    return message
 
 
 def chat_response(rec: CallRecord, parsed: Parsed) -> ChatResponse:
     """A full chat reply."""
-    return ChatResponse(
-        message=Message(
-            role=parsed.role,
-            content=parsed.text,
-            thinking=parsed.thinking,
-            tool_calls=parsed.tool_calls,
-        ),
-        done_reason=parsed.done_reason,
-        **response_fields(rec, parsed),
-    )
+    fields = response_fields(rec, parsed)
+    fields["message"] = _message(parsed, parsed.role)
+    fields["done_reason"] = parsed.done_reason
+    return ChatResponse.model_validate(fields)
 
 
 def generate_response(rec: CallRecord, parsed: Parsed) -> GenerateResponse:
     """A full completion reply."""
-    return GenerateResponse(
-        response=parsed.text,
-        done_reason=parsed.done_reason,
-        context=parsed.context,
-        **response_fields(rec, parsed),
-    )
+    fields = response_fields(rec, parsed)
+    fields.update(response=parsed.text, done_reason=parsed.done_reason, context=parsed.context)
+    return GenerateResponse.model_validate(fields)
 
 
 def embed_response(rec: CallRecord, parsed: Parsed) -> EmbedResponse:
@@ -117,48 +110,36 @@ def embed_response(rec: CallRecord, parsed: Parsed) -> EmbedResponse:
     return EmbedResponse(embeddings=parsed.embeddings or [], **response_fields(rec, parsed))
 
 
-def _usage(rec: CallRecord, piece: Piece) -> Usage | None:
-    if not piece.done:
-        return None
-    return Usage(input_tokens=rec.input_tokens, output_tokens=rec.output_tokens)
-
-
-def _final(rec: CallRecord, piece: Piece) -> dict[str, Any]:
-    """ollama's counters on the last chunk only, as ollama sends them."""
-    if not piece.done:
-        return {}
-    end = rec.chunk_times_ns[-1] if rec.chunk_times_ns else rec.t_start_ns
-    return ollama_counts(rec, end)
+def _chunk_fields(rec: CallRecord, piece: Piece) -> dict[str, Any]:
+    """What every streamed chunk carries; the last one also the usage and ollama's
+    counters, as ollama sends them. Plain data: one validation per chunk."""
+    fields: dict[str, Any] = {
+        "model": rec.model or "",
+        "served_model": rec.served_model or "",
+        "endpoint": rec.endpoint or "",
+        "done": piece.done,
+        "done_reason": piece.done_reason,
+        "tokens": piece.tokens,
+    }
+    if piece.done:
+        fields["usage"] = {"input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens}
+        end = rec.chunk_times_ns[-1] if rec.chunk_times_ns else rec.t_start_ns
+        fields.update(ollama_counts(rec, end))
+    return fields
 
 
 def chat_chunk(rec: CallRecord, piece: Piece) -> ChatChunk:
     """One streamed chat chunk."""
-    return ChatChunk(
-        model=rec.model or "",
-        served_model=rec.served_model or "",
-        endpoint=rec.endpoint or "",
-        message=_message(piece),
-        done=piece.done,
-        done_reason=piece.done_reason,
-        usage=_usage(rec, piece),
-        tokens=piece.tokens,
-        **_final(rec, piece),
-    )
+    fields = _chunk_fields(rec, piece)
+    fields["message"] = _message(piece)
+    return ChatChunk.model_validate(fields)
 
 
 def generate_chunk(rec: CallRecord, piece: Piece) -> GenerateChunk:
     """One streamed completion chunk."""
-    return GenerateChunk(
-        model=rec.model or "",
-        served_model=rec.served_model or "",
-        endpoint=rec.endpoint or "",
-        response=piece.text,
-        done=piece.done,
-        done_reason=piece.done_reason,
-        usage=_usage(rec, piece),
-        tokens=piece.tokens,
-        **_final(rec, piece),
-    )
+    fields = _chunk_fields(rec, piece)
+    fields["response"] = piece.text
+    return GenerateChunk.model_validate(fields)
 
 
 def embeddings_response(r: EmbedResponse) -> EmbeddingsResponse:
