@@ -14,7 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .client import SharedClient, SyncSharedClient
@@ -106,61 +106,26 @@ def _client() -> SyncSharedClient:
         return _default
 
 
-def chat(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.chat``: ``Client().chat`` on the default client."""
-    return _client().chat(*args, **kwargs)
+def _on_default(name: str, what: str) -> Callable[..., Any]:
+    """ollama's module-level ``name``: the same method of the default client."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_client(), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"``ollama.{name}``: {what}, on the default client."
+    return call
 
 
-def generate(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.generate`` on the default client."""
-    return _client().generate(*args, **kwargs)
-
-
-def embed(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.embed`` on the default client."""
-    return _client().embed(*args, **kwargs)
-
-
-def list(**kwargs: Any) -> Any:
-    """``ollama.list`` on the default client."""
-    return _client().list(**kwargs)
-
-
-def ps(**kwargs: Any) -> Any:
-    """``ollama.ps`` on the default client."""
-    return _client().ps(**kwargs)
-
-
-def show(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.show`` on the default client."""
-    return _client().show(*args, **kwargs)
-
-
-def embeddings(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.embeddings`` (legacy, one vector) on the default client."""
-    return _client().embeddings(*args, **kwargs)
-
-
-def pull(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.pull`` on the default client (every Ollama endpoint of its pool)."""
-    return _client().pull(*args, **kwargs)
-
-
-def push(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.push`` on the default client."""
-    return _client().push(*args, **kwargs)
-
-
-def create(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.create`` on the default client."""
-    return _client().create(*args, **kwargs)
-
-
-def delete(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.delete`` on the default client."""
-    return _client().delete(*args, **kwargs)
-
-
-def copy(*args: Any, **kwargs: Any) -> Any:
-    """``ollama.copy`` on the default client."""
-    return _client().copy(*args, **kwargs)
+chat = _on_default("chat", "a chat")
+generate = _on_default("generate", "a completion")
+embed = _on_default("embed", "embeddings")
+embeddings = _on_default("embeddings", "one embedding (legacy)")
+list = _on_default("list", "the models of the pool")
+ps = _on_default("ps", "the models loaded across the pool")
+show = _on_default("show", "what an endpoint says about a model")
+pull = _on_default("pull", "pull a model onto every Ollama endpoint")
+push = _on_default("push", "push a model")
+create = _on_default("create", "create a model")
+delete = _on_default("delete", "delete a model")
+copy = _on_default("copy", "copy a model")
