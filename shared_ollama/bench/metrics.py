@@ -38,8 +38,9 @@ DEFINITIONS = {
     "k tokens that arrived g after the previous token-carrying chunk gives k values g/k.",
     "e2e_ms": "t_end_ns - t_start_ns of the call (client side, retries included).",
     "apportioning": "Tokens per chunk: the server's per-chunk count where given; chunks "
-    "without content carry 0; the rest of the server's output count is split evenly over "
-    "the other content chunks, earlier chunks taking the remainder.",
+    "without content carry 0; the rest of the server's output count is shared over the "
+    "other content chunks in proportion to the wait before each (at least one token each; "
+    "the first chunk weighs as the median wait), largest remainders to the earliest.",
     "stats": "mean; stdev (population, ddof=0, as vLLM); p50/p90/p95/p99 by linear "
     "interpolation (numpy.percentile). Latencies over completed requests only.",
     "duration_s": "Phase: first send to last completion. Run: sum of the phases.",

@@ -97,3 +97,26 @@ def test_content_flags_of_an_interrupted_stream_are_dropped() -> None:
     # The runner saw fewer chunks than the record holds: do not guess which were content.
     r = req(chunks_ms=(10, 20, 30), content=[True])
     assert r.chunk_content is None
+
+
+def test_extra_tokens_go_to_the_chunks_that_waited_for_them() -> None:
+    """Ollama, a client falling behind: every 5th chunk carries 3 tokens after a 3x wait.
+    Shared by waits, every token is again 20 ms apart; split evenly, the p99 ITL tripled."""
+    offsets, t, truth = [], 100 * MS, []
+    for n in range(1, 41):
+        k = 3 if n % 5 == 0 else 1
+        if n > 1:
+            t += k * 20 * MS
+        offsets.append(t)
+        truth.append(k)
+    d = derive(0, t + MS, offsets, [None] * len(offsets), sum(truth))
+    assert d.tokens == truth
+    assert d.itls_ns == [20 * MS] * (sum(truth) - 1)
+    even = apportion_tokens([None] * len(offsets), sum(truth))
+    assert even != truth  # what the even split made of it
+
+
+def test_waits_never_leave_a_content_chunk_without_a_token() -> None:
+    # Barely more tokens than chunks, one long stall: each chunk keeps at least one.
+    assert apportion_tokens([None] * 4, 5, offsets_ns=[0, 10, 1000, 1010]) == [1, 1, 2, 1]
+    assert apportion_tokens([None] * 4, 4, offsets_ns=[0, 10, 1000, 1010]) == [1, 1, 1, 1]
