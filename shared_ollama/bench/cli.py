@@ -96,6 +96,12 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--warmup", type=int, metavar="N", help="warm-up requests (not measured)")
     p.add_argument("--prompt-tokens", metavar="DIST", help="N | uniform:MIN:MAX | normal:M:SD")
     p.add_argument("--max-tokens", metavar="DIST", help="completion length (same forms)")
+    p.add_argument("--min-tokens", type=int, metavar="N",
+                   help="ask the server for at least N output tokens (options.min_tokens: "
+                        "vLLM, SGLang)")  # fmt: skip
+    p.add_argument("--ignore-eos", action="store_true", default=None,
+                   help="keep generating past end-of-sequence, so every completion is "
+                        "exactly --max-tokens long (options.ignore_eos: vLLM, SGLang)")  # fmt: skip
     p.add_argument("--operation", choices=("chat", "generate"))
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--prompts", metavar="FILE.jsonl", help="prompts instead of synthetic ones")
@@ -180,10 +186,17 @@ def _apply_workloads(data: dict[str, Any], args: argparse.Namespace) -> None:
         "prompts_file": args.prompts,
     }
     fields = {k: v for k, v in fields.items() if v is not None}
-    if not fields:
+    options = {"min_tokens": args.min_tokens, "ignore_eos": args.ignore_eos}
+    options = {k: v for k, v in options.items() if v is not None}
+    if not fields and not options:
         return
     workloads = data.get("workloads") or [{}]
-    data["workloads"] = [{**w, **fields} if isinstance(w, dict) else w for w in workloads]
+    data["workloads"] = [
+        {**w, **fields, "options": {**(w.get("options") or {}), **options}}
+        if isinstance(w, dict)
+        else w
+        for w in workloads
+    ]
 
 
 def _apply_pool(data: dict[str, Any], args: argparse.Namespace) -> None:

@@ -244,3 +244,21 @@ def test_dead_endpoint_ends_the_run_after_the_warm_up_with_its_health(
     assert "warm-up: none of 1 requests got an answer (NoEndpointAvailable x1)" in out
     assert "health down" in out and "last error: cannot connect" in out
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_exact_output_length_flags_reach_every_workload(tmp_path: Path) -> None:
+    import argparse
+
+    from shared_ollama.bench.cli import _apply_workloads
+
+    args = argparse.Namespace(
+        prompt_tokens=None, max_tokens="64", operation=None, stream=None, prompts=None,
+        min_tokens=64, ignore_eos=True,
+    )  # fmt: skip
+    data = {"workloads": [{"name": "a", "options": {"temperature": 0}}, {"name": "b"}]}
+    _apply_workloads(data, args)
+    assert [w["options"] for w in data["workloads"]] == [
+        {"temperature": 0, "min_tokens": 64, "ignore_eos": True},
+        {"min_tokens": 64, "ignore_eos": True},
+    ]
+    assert all(w["max_tokens"] == "64" for w in data["workloads"])
