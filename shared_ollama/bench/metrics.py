@@ -36,7 +36,10 @@ DEFINITIONS = {
     "chunk) / (output tokens - tokens of the first chunk). Excludes the first token.",
     "itl_ms": "Per output token after the first chunk, pooled over requests: a chunk carrying "
     "k tokens that arrived g after the previous token-carrying chunk gives k values g/k.",
-    "e2e_ms": "t_end_ns - t_start_ns of the call (client side, retries included).",
+    "e2e_ms": "Streams: the last content-carrying chunk's arrival - t_start_ns (as vLLM's "
+    "bench); otherwise t_end_ns - t_start_ns (client side, retries included).",
+    "call_ms": "t_end_ns - t_start_ns: the whole call, a stream's closing events (usage "
+    "chunk, [DONE]) and the reply's release included (per request, in the result file).",
     "apportioning": "Tokens per chunk: the server's per-chunk count where given; chunks "
     "without content carry 0; the rest of the server's output count is shared over the "
     "other content chunks in proportion to the wait before each (at least one token each; "
@@ -59,7 +62,7 @@ DEFINITIONS = {
     "server.decode_ms": "Ollama/llama.cpp eval duration.",
     "server.decode_ms_per_token": "Eval duration / output tokens.",
     "server.inference_ms": "TGI x-inference-time.",
-    "server.overhead_ms": "Client E2E - the server's total (Ollama total_duration): network, "
+    "server.overhead_ms": "Client call time - the server's total (Ollama total_duration): network, "
     "HTTP and client time.",
     "energy_j": "GPU energy counter difference over the phase (all GPUs), when NVML has one.",
     "tokens_per_joule": "Output tokens of completed requests / energy_j.",
@@ -176,7 +179,7 @@ def _server_values(r: RequestRecord) -> dict[str, float]:
     if (total := t.get("total_duration_ns")) is not None:
         spent = sum(t.get(key, 0.0) for key in parts.values())
         out["queue_ms"] = max(0.0, total - spent) / 1e6
-        out["overhead_ms"] = r.e2e_ms - total / 1e6
+        out["overhead_ms"] = r.call_ms - total / 1e6
     for key, name in (
         ("queue_time_ms", "queue_ms"),
         ("inference_time_ms", "inference_ms"),

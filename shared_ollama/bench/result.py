@@ -67,6 +67,8 @@ class RequestRecord(BaseModel):
     t_scheduled_ns: int | None = None
     t_start_ns: int
     t_first_chunk_ns: int | None = None
+    #: Streams: arrival of the last chunk that carried content (E2E ends there).
+    t_last_token_ns: int | None = None
     t_end_ns: int
     #: Chunk arrival times relative to ``t_start_ns``.
     chunk_offsets_ns: list[int] = Field(default_factory=list)
@@ -113,6 +115,7 @@ class RequestRecord(BaseModel):
             t_scheduled_ns=t_scheduled_ns,
             t_start_ns=rec.t_start_ns,
             t_first_chunk_ns=rec.t_first_chunk_ns,
+            t_last_token_ns=rec.t_last_token_ns if rec.stream else None,
             t_end_ns=rec.t_end_ns,
             chunk_offsets_ns=[t - rec.t_start_ns for t in rec.chunk_times_ns],
             chunk_tokens=list(rec.chunk_tokens),
@@ -153,7 +156,16 @@ class RequestRecord(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def e2e_ms(self) -> float:
-        """Start of the call to its end, retries included."""
+        """Start of the call to its last token (streams, as vLLM's bench), else to its end;
+        retries included."""
+        end = self.t_last_token_ns if self.t_last_token_ns is not None else self.t_end_ns
+        return _ms(end - self.t_start_ns) or 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def call_ms(self) -> float:
+        """Start of the call to its very end: a stream's closing events (usage, ``[DONE]``)
+        and the reply's release included."""
         return _ms(self.t_end_ns - self.t_start_ns) or 0.0
 
     @computed_field  # type: ignore[prop-decorator]

@@ -120,3 +120,19 @@ def test_waits_never_leave_a_content_chunk_without_a_token() -> None:
     # Barely more tokens than chunks, one long stall: each chunk keeps at least one.
     assert apportion_tokens([None] * 4, 5, offsets_ns=[0, 10, 1000, 1010]) == [1, 1, 2, 1]
     assert apportion_tokens([None] * 4, 4, offsets_ns=[0, 10, 1000, 1010]) == [1, 1, 1, 1]
+
+
+def test_e2e_ends_at_the_last_token_and_the_call_time_is_kept() -> None:
+    """Streams: E2E ends at the last content chunk (as vLLM's bench); the closing events
+    (usage chunk, [DONE], release) stay in ``call_ms``."""
+    from shared_ollama.bench.result import RequestRecord
+
+    from ._helpers import call
+
+    rec = call(start_ms=1000, chunks_ms=(50, 60, 70, 72), end_ms=75)
+    rec.t_last_token_ns = rec.chunk_times_ns[2]  # the 4th chunk is the closing one
+    r = RequestRecord.from_call(rec, seq=1, phase="p")
+    assert r.e2e_ms == 70 and r.call_ms == 75
+    assert r.model_dump()["call_ms"] == 75
+    whole = RequestRecord.from_call(call(stream=False, end_ms=250), seq=2, phase="p")
+    assert whole.e2e_ms == whole.call_ms == 250
