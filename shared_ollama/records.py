@@ -7,17 +7,86 @@ Timestamps are ``time.monotonic_ns()`` values taken by the drivers.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, MutableSequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, overload
 
-__all__ = ["AttemptRecord", "CallListener", "CallRecord", "Outcome", "PoolEvent"]
+__all__ = [
+    "AttemptRecord",
+    "CallListener",
+    "CallRecord",
+    "Outcome",
+    "PoolEvent",
+    "TokenCounts",
+]
 
 Outcome: TypeAlias = Literal["ok", "error", "interrupted", "cancelled"]
 
 
 def _packed_ns() -> MutableSequence[int]:
     return array("q")
+
+
+class TokenCounts(MutableSequence[int | None]):
+    """Tokens per streamed chunk, packed: 2 bytes a chunk (4 once a count passes 32,767),
+    ``None`` (the server did not say) kept as -1. A list would cost 8 bytes a chunk, and an
+    endless stream a chunk of memory each second."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, values: Iterable[int | None] = ()) -> None:
+        self._data = array("h")
+        for value in values:
+            self.append(value)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @overload
+    def __getitem__(self, index: int) -> int | None: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int | None]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int | None] | None:
+        if isinstance(index, slice):
+            return [None if v < 0 else v for v in self._data[index]]
+        value = self._data[index]
+        return None if value < 0 else value
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(index, slice):
+            raise TypeError("TokenCounts takes one count at a time")
+        self._fit(value)
+        self._data[index] = -1 if value is None else value
+
+    def __delitem__(self, index: int | slice) -> None:
+        del self._data[index]
+
+    def insert(self, index: int, value: int | None) -> None:
+        """Insert one count (None: unknown)."""
+        self._fit(value)
+        self._data.insert(index, -1 if value is None else value)
+
+    def append(self, value: int | None) -> None:
+        """Add the next chunk's count (None: unknown)."""
+        self._fit(value)
+        self._data.append(-1 if value is None else value)
+
+    def _fit(self, value: int | None) -> None:
+        if value is not None and value > 32767 and self._data.typecode == "h":
+            self._data = array("i", self._data)
+
+    def __iter__(self) -> Iterator[int | None]:
+        return (None if v < 0 else v for v in self._data)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TokenCounts | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TokenCounts({list(self)!r})"
 
 
 @dataclass(slots=True)
@@ -72,8 +141,8 @@ class CallRecord:
     #: Arrival time of each chunk delivered to the caller (streams only): a packed
     #: ``array('q')``, 8 bytes a chunk, so an endless stream does not cost an int object each.
     chunk_times_ns: MutableSequence[int] = field(default_factory=_packed_ns)
-    #: Tokens carried by each chunk, where the server said; None where unknown.
-    chunk_tokens: list[int | None] = field(default_factory=list)
+    #: Tokens carried by each chunk, where the server said; None where unknown (packed).
+    chunk_tokens: MutableSequence[int | None] = field(default_factory=TokenCounts)
     #: The server's own timings (see ``types.ServerTimings``), by field name.
     server_timings: dict[str, float] = field(default_factory=dict)
     #: Pool events caused by this call (breaker transitions).
