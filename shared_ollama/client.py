@@ -168,10 +168,11 @@ def _head(resp: httpx.Response) -> Head:
     return Head(resp.status_code, headers, _Reply(resp), time.monotonic_ns())
 
 
-def _content(resp: httpx.Response) -> Any:
+def _content(op: Read) -> Any:
     """A whole body's bytes: straight from the transport, decoded only where the server
     compressed it (a stream's bytes are always taken raw)."""
-    if resp.headers.get("content-encoding", "identity") == "identity":
+    resp: httpx.Response = op.head.handle.response
+    if op.head.headers.get("content-encoding", "identity") == "identity":
         return resp.stream
     return (
         resp.aiter_bytes() if isinstance(resp.stream, httpx.AsyncByteStream) else resp.iter_bytes()
@@ -409,7 +410,7 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                 reply: _Reply = op.head.handle
                 if op.whole:
                     body = _Body(op)
-                    async for chunk in _content(reply.response):
+                    async for chunk in _content(op):
                         if body.add(chunk):
                             break
                     return bytes(body.data)
@@ -998,7 +999,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             reply: _Reply = op.head.handle
             if op.whole:
                 body = _Body(op)
-                for chunk in _content(reply.response):
+                for chunk in _content(op):
                     if body.add(chunk):
                         break
                 return bytes(body.data)

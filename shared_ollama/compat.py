@@ -15,7 +15,7 @@ import atexit
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from .client import SharedClient, SyncSharedClient
 from .config import Timeouts, ollama_endpoints, parse_host
@@ -56,8 +56,13 @@ def _options(
     return kwargs
 
 
-class Client(SyncSharedClient):
-    """ollama's ``Client(host=...)``: a blocking client over one Ollama server or several."""
+class _FrontDoor:
+    """ollama's constructor, shared by both clients: ``host`` (one or several), ``headers``,
+    ``timeout``, and every pool argument as well."""
+
+    #: Close at interpreter exit when the application never does (blocking client only: an
+    #: async client's loop is gone by then).
+    _close_at_exit: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -68,7 +73,14 @@ class Client(SyncSharedClient):
         **kwargs: Any,
     ) -> None:
         super().__init__(**_options(host, headers, timeout, kwargs))
-        atexit.register(self.close)
+        if self._close_at_exit:
+            atexit.register(self.close)  # type: ignore[attr-defined]
+
+
+class Client(_FrontDoor, SyncSharedClient):
+    """ollama's ``Client(host=...)``: a blocking client over one Ollama server or several."""
+
+    _close_at_exit = True
 
     def close(self) -> None:
         """Release connections and flush the usage ledger (idempotent)."""
@@ -76,18 +88,8 @@ class Client(SyncSharedClient):
         super().close()
 
 
-class AsyncClient(SharedClient):
+class AsyncClient(_FrontDoor, SharedClient):
     """ollama's ``AsyncClient(host=...)``: an async client over one Ollama server or several."""
-
-    def __init__(
-        self,
-        host: str | Sequence[str] | None = None,
-        *,
-        headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**_options(host, headers, timeout, kwargs))
 
 
 # -- module-level calls on a default client ---------------------------------------------
@@ -101,7 +103,7 @@ def _client() -> SyncSharedClient:
     global _default
     with _default_lock:
         if _default is None:
-            configured = any(k.startswith("SHARED_OLLAMA_ENDPOINTS") for k in os.environ)
+            configured = "SHARED_OLLAMA_ENDPOINTS" in os.environ
             _default = Client.from_config() if configured else Client()
         return _default
 

@@ -11,9 +11,16 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 
 __all__ = [
     "ChatChunk",
@@ -107,6 +114,10 @@ def _iso(value: Any) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return datetime.fromtimestamp(value, UTC).isoformat()
     return value
+
+
+#: A time as ollama gives it: a datetime from an ISO 8601 string or an epoch (OpenAI).
+When: TypeAlias = Annotated[datetime | None, BeforeValidator(lambda v: _iso(v) or None)]
 
 
 class _OllamaCounts(_Model):
@@ -360,13 +371,8 @@ class ModelInfo(_Model):
     name: str = ""
     size: int | None = None
     digest: str | None = None
-    modified_at: datetime | None = None
+    modified_at: When = None
     details: ModelDetails = Field(default_factory=ModelDetails)
-
-    @field_validator("modified_at", mode="before")
-    @classmethod
-    def _when(cls, v: Any) -> Any:
-        return _iso(v) or None
 
 
 class ListResponse(_Model):
@@ -384,13 +390,8 @@ class RunningModel(_Model):
     name: str = ""
     size: int | None = None
     size_vram: int | None = None
-    expires_at: datetime | None = None
+    expires_at: When = None
     details: ModelDetails = Field(default_factory=ModelDetails)
-
-    @field_validator("expires_at", mode="before")
-    @classmethod
-    def _when(cls, v: Any) -> Any:
-        return _iso(v) or None
 
 
 class PsResponse(_Model):
@@ -409,7 +410,7 @@ class ShowResponse(_Model):
     parameters: str | None = None
     template: str | None = None
     license: str | None = None
-    modified_at: datetime | None = None
+    modified_at: When = None
     details: ModelDetails = Field(default_factory=ModelDetails)
     #: ollama's name (the server's ``model_info``); ``model_info`` still reads it.
     modelinfo: dict[str, Any] = Field(
@@ -421,11 +422,6 @@ class ShowResponse(_Model):
     def model_info(self) -> dict[str, Any]:
         """The server's name for ``modelinfo``."""
         return self.modelinfo
-
-    @field_validator("modified_at", mode="before")
-    @classmethod
-    def _when(cls, v: Any) -> Any:
-        return _iso(v) or None
 
 
 def normalize_messages(messages: Sequence[MessageLike] | None) -> list[Message]:
