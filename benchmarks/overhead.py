@@ -7,10 +7,14 @@ One *instant* loopback server (``tests/instant_server.py``: a few dozen lines of
 its own process, a canned reply for every request) answers every variant, so what differs
 is the client: raw ``httpx.AsyncClient``, ``ollama.AsyncClient``, ``openai.AsyncOpenAI`` and
 ``SharedClient`` with one endpoint and with a pool of three (the usage ledger writing to
-SQLite and the OpenTelemetry API on, as an application would run it). The variants are
-interleaved in every round; the report gives, per concurrency level, the median over the
-rounds of each variant's median per-call latency and its ratio to raw httpx, then the
-function calls per request counted in every thread (``threading.setprofile`` too, so work
+SQLite and the OpenTelemetry API on, as an application would run it). In every round each
+variant makes ``--calls`` calls, cut into blocks that alternate between the variants, so a
+slow spell of a shared machine falls on all of them. Per concurrency level the report gives
+the median over the rounds of each variant's *cost per call* (a block's wall time over its
+calls: at concurrency 64 the median call's latency says more about the order in which
+httpcore's queue serves waiting requests than about cost; it is shown beside it) with its
+ratios to raw httpx and to ollama-python, then the function calls per request counted in
+every thread (``threading.setprofile`` too, so work
 moved to a background thread still counts). Needs the ``dev`` extra (ollama, openai).
 """
 
@@ -77,8 +81,9 @@ async def make_variants(stack: AsyncExitStack, port: int, ledger: Path) -> dict[
     }
 
 
-async def timed(fn: Variant, calls: int, concurrency: int) -> list[float]:
-    """Per-call seconds of ``calls`` calls, ``concurrency`` at a time."""
+async def timed(fn: Variant, calls: int, concurrency: int) -> tuple[list[float], float]:
+    """Per-call µs of ``calls`` calls, ``concurrency`` at a time, and the block's µs per call
+    (its wall time over its calls: what a call costs when many share the client)."""
     out: list[float] = []
     per_worker = max(1, calls // concurrency)
 
@@ -88,8 +93,16 @@ async def timed(fn: Variant, calls: int, concurrency: int) -> list[float]:
             await fn()
             out.append((time.perf_counter_ns() - t0) / 1e3)
 
+    start = time.perf_counter_ns()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return out
+    return out, (time.perf_counter_ns() - start) / 1e3 / len(out)
+
+
+def blocks_of(calls: int, concurrency: int) -> int:
+    """How many blocks a variant's calls in one round are cut into: small enough that a slow
+    spell of a shared machine falls on every variant, big enough (8 calls a worker) that
+    the ramp at each block's start and end stays a small part of it."""
+    return max(1, min(10, calls // (8 * concurrency)))
 
 
 async def count_calls(variants: dict[str, Variant], counter: Any, n: int) -> dict[str, float]:
@@ -116,28 +129,44 @@ async def main(calls: int, rounds: int, levels: list[int], count: int) -> None:
         sync_stack.enter_context(pinned(client_cpus()))
         async with AsyncExitStack() as stack:
             variants = await make_variants(stack, port, Path(tmp) / "usage.db")
-            for fn in variants.values():  # warm-up: a connection, caches, imports
+            for fn in variants.values():  # warm-up: connections, caches, imports
                 await timed(fn, 100, 1)
+                await timed(fn, 640, 64)
             # Counted one call at a time: with more connections open, httpcore checks each
             # of them per request, in every client alike.
             counted = await count_calls(variants, counter, count)
             counter.uninstall()
-            results: dict[int, dict[str, list[float]]] = {}
+            # Per level and variant, one (median latency, cost per call) pair per round.
+            results: dict[int, dict[str, list[tuple[float, float]]]] = {}
             for level in levels:
-                medians: dict[str, list[float]] = {name: [] for name in variants}
+                results[level] = {name: [] for name in variants}
+                blocks = blocks_of(calls, level)
                 for _ in range(rounds):
-                    for name, fn in variants.items():
-                        medians[name].append(statistics.median(await timed(fn, calls, level)))
-                results[level] = medians
-    print(f"per-call latency, median of {rounds} interleaved rounds of {calls} calls (µs)")
-    header = f"{'variant':<26}" + "".join(f"{f'c={c}':>11}{'ratio':>7}" for c in levels)
+                    latencies: dict[str, list[float]] = {name: [] for name in variants}
+                    costs: dict[str, list[float]] = {name: [] for name in variants}
+                    # Interleaved block by block, so noise lands on every variant alike.
+                    for _ in range(blocks):
+                        for name, fn in variants.items():
+                            out, cost = await timed(fn, calls // blocks, level)
+                            latencies[name] += out
+                            costs[name].append(cost)
+                    for name in variants:
+                        pair = (statistics.median(latencies[name]), statistics.mean(costs[name]))
+                        results[level][name].append(pair)
+    print(f"median of {rounds} rounds of {calls} calls a variant, interleaved in blocks (µs)")
+    print("cost: a block's wall time over its calls; p50: the median call's latency")
+    header = f"{'variant':<26}" + "".join(
+        f"{f'c={c} cost':>12}{'ratio':>7}{'vs oll':>7}{'p50':>9}" for c in levels
+    )
     print(header + f"{'calls/req':>11}")
     for name in counted:
         row = f"{name:<26}"
         for level in levels:
-            mine = statistics.median(results[level][name])
-            base = statistics.median(results[level]["raw httpx"])
-            row += f"{mine:>11.0f}{mine / base:>7.2f}"
+            cost = statistics.median(c for _, c in results[level][name])
+            base = statistics.median(c for _, c in results[level]["raw httpx"])
+            oll = statistics.median(c for _, c in results[level]["ollama.AsyncClient"])
+            p50 = statistics.median(p for p, _ in results[level][name])
+            row += f"{cost:>12.0f}{cost / base:>7.2f}{cost / oll:>7.2f}{p50:>9.0f}"
         print(row + f"{counted[name]:>11.0f}")
     print(f"(calls/req: Python and C function calls per request, all threads, mean of {count})")
 

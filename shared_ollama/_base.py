@@ -19,7 +19,7 @@ from ._core import steps
 from ._core.plan import CallPlan, RetryBudget
 from ._core.requests import Op
 from ._core.steps import Steps
-from ._transport import Connection, transport_options
+from ._transport import Connection
 from .config import (
     BreakerPolicy,
     Budget,
@@ -182,19 +182,18 @@ class BaseClient(Generic[TransportT]):
     def _connections(
         self, factory: Callable[..., TransportT], transport: TransportT | None
     ) -> dict[str, Connection]:
-        """One httpx transport per endpoint (or the caller's one for all); a slot given back
-        wakes the calls waiting for one."""
+        """httpx transports per endpoint, in shards (or the caller's one for all); a slot
+        given back wakes the calls waiting for one."""
         for ep in self._pool.endpoints:
             ep.on_release = self._wake_slot_waiters
         timeouts = self.config.timeouts
-        return {
-            ep.url: Connection(
-                ep.config,
-                timeouts,
-                transport if transport is not None else factory(**transport_options(ep.config)),
-            )
-            for ep in self._pool.endpoints
-        }
+        if transport is not None:
+            return {
+                ep.url: Connection(ep.config, timeouts, [transport], [ep.config.max_connections])
+                for ep in self._pool.endpoints
+            }
+        endpoints = self._pool.endpoints
+        return {ep.url: Connection.open(ep.config, timeouts, factory) for ep in endpoints}
 
     def _wake_slot_waiters(self) -> None:
         """An endpoint gave a slot back (each driver wakes its waiters its own way)."""

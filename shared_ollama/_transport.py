@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ssl
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +32,7 @@ __all__ = [
     "Connection",
     "env_proxy",
     "map_transport_error",
+    "shard_limits",
     "timeout_extension",
     "transport_options",
 ]
@@ -60,9 +61,9 @@ def env_proxy(url: str) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
-def _ssl_verify(endpoint: Endpoint) -> ssl.SSLContext | bool:
-    if endpoint.cert is None and not isinstance(endpoint.verify, str):
-        return endpoint.verify  # httpx builds its default context (SSL_CERT_* with trust_env)
+def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
+    # Built once per endpoint and shared by its shards: httpx would build one per transport
+    # (about 20 ms each, loading the CA bundle).
     verify = endpoint.verify
     if isinstance(verify, str):
         path = Path(verify)
@@ -85,20 +86,34 @@ def _ssl_verify(endpoint: Endpoint) -> ssl.SSLContext | bool:
 
 
 def transport_options(endpoint: Endpoint) -> dict[str, Any]:
-    """What ``httpx.AsyncClient`` would have given the endpoint's transport: TLS settings,
-    the proxy (explicit, else from the environment), connection limits."""
+    """What ``httpx.AsyncClient`` would have given the endpoint's transports: TLS settings
+    and the proxy (explicit, else from the environment); limits are per shard."""
     proxy = endpoint.proxy.get_secret_value() if endpoint.proxy is not None else None
     if proxy is None and endpoint.trust_env:
         proxy = env_proxy(endpoint.url)
-    return {
-        "verify": _ssl_verify(endpoint),
-        "trust_env": endpoint.trust_env,
-        "proxy": proxy,
-        "limits": httpx.Limits(
-            max_connections=endpoint.max_connections,
-            max_keepalive_connections=min(endpoint.max_keepalive, endpoint.max_connections),
-        ),
-    }
+    return {"verify": _ssl_context(endpoint), "trust_env": endpoint.trust_env, "proxy": proxy}
+
+
+#: Connections per httpcore pool (a shard). On every request and every release, httpcore's
+#: pool walks all its connections, and for each idle one counts them all again (quadratic);
+#: it also closes any idle connection while it holds more than its keep-alive limit. One
+#: pool of 64 at 64 concurrent calls cost 2.4x (keep-alive 20: connections churn) to 11x
+#: (keep-alive 64) per call what 16 pools of 4 cost (``benchmarks/overhead.py``'s server).
+SHARD_CONNECTIONS = 4
+
+
+def shard_limits(max_connections: int, max_keepalive: int | None) -> list[httpx.Limits]:
+    """Limits of each shard: ``max_connections`` cut into pools of ``SHARD_CONNECTIONS``,
+    the keep-alive allowance shared in proportion (all of them when None)."""
+    sizes = [SHARD_CONNECTIONS] * (max_connections // SHARD_CONNECTIONS)
+    if max_connections % SHARD_CONNECTIONS:
+        sizes.append(max_connections % SHARD_CONNECTIONS)
+    keep = max_connections if max_keepalive is None else min(max_keepalive, max_connections)
+    limits = []
+    for size in sizes:
+        share = -(-keep * size // max_connections)  # rounded up: at least one when keep > 0
+        limits.append(httpx.Limits(max_connections=size, max_keepalive_connections=share))
+    return limits
 
 
 def timeout_extension(connect: float | None, read: float | None) -> dict[str, float | None]:
@@ -110,18 +125,54 @@ def timeout_extension(connect: float | None, read: float | None) -> dict[str, fl
 
 
 class Connection:
-    """One endpoint's httpx transport, and the request building that ``httpx.AsyncClient``
-    did: its URLs (parsed once per path), default headers and timeouts. Requests go straight
-    to the transport: redirects are never followed (a 3xx is a typed error upstream), there
-    are no cookies, auth flows or event hooks to run."""
+    """One endpoint's httpx transports (its shards), and the request building that
+    ``httpx.AsyncClient`` did: its URLs (parsed once per path), default headers and timeouts.
+    Requests go straight to a transport: redirects are never followed (a 3xx is a typed
+    error upstream), there are no cookies, auth flows or event hooks to run.
 
-    __slots__ = ("_urls", "base", "timeout", "transport")
+    ``take`` picks the first shard with a free connection, so at low concurrency one shard
+    (and its warm connections) serves every call; the driver gives the shard back when the
+    reply is closed. The sync driver holds a lock around both."""
 
-    def __init__(self, endpoint: Endpoint, timeouts: Timeouts, transport: Any) -> None:
-        self.transport = transport
+    __slots__ = ("_room", "_urls", "base", "timeout", "transports")
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        timeouts: Timeouts,
+        transports: Sequence[Any],
+        sizes: Sequence[int],
+    ) -> None:
+        self.transports = list(transports)
+        self._room = list(sizes)  # free connections per shard (negative: calls queued)
         self.base = endpoint.url
         self.timeout = timeout_extension(timeouts.connect_s, timeouts.first_chunk_s)
         self._urls: dict[str, httpx.URL] = {}
+
+    @classmethod
+    def open(
+        cls, endpoint: Endpoint, timeouts: Timeouts, factory: Callable[..., Any]
+    ) -> Connection:
+        """The endpoint's shards, built by ``factory`` (an httpx transport class)."""
+        options = transport_options(endpoint)
+        limits = shard_limits(endpoint.max_connections, endpoint.max_keepalive)
+        transports = [factory(limits=lim, **options) for lim in limits]
+        return cls(endpoint, timeouts, transports, [lim.max_connections or 0 for lim in limits])
+
+    def take(self) -> int:
+        """A shard for one request: the first with room, else the least queued."""
+        room = self._room
+        for shard, free in enumerate(room):
+            if free > 0:
+                room[shard] = free - 1
+                return shard
+        shard = room.index(max(room))
+        room[shard] -= 1
+        return shard
+
+    def give(self, shard: int) -> None:
+        """The request on ``shard`` is done (its reply closed, or it failed)."""
+        self._room[shard] += 1
 
     def request(
         self,

@@ -39,7 +39,7 @@ from ._core.steps import (
     Steps,
     StreamAbandoned,
 )
-from ._transport import map_transport_error, timeout_extension
+from ._transport import Connection, map_transport_error, timeout_extension
 from ._watchdog import Alarm, Watchdog, watch_transport
 from .errors import ClientClosed, ProtocolError, SharedOllamaError, Timeout
 from .types import (
@@ -74,11 +74,19 @@ def _stale(exc: httpx.RemoteProtocolError) -> bool:
 class _Reply:
     """The driver's side of a ``Head``: the httpx response and its raw byte iterator."""
 
-    __slots__ = ("iterator", "response")
+    __slots__ = ("connection", "iterator", "response", "shard")
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, connection: Connection, shard: int) -> None:
         self.response = response
         self.iterator: Any = None
+        #: The shard the request went to, given back once when the reply is closed.
+        self.connection: Connection | None = connection
+        self.shard = shard
+
+    def release(self) -> Connection | None:
+        """The connection whose shard to give back, the first time only."""
+        connection, self.connection = self.connection, None
+        return connection
 
 
 class _Body:
@@ -163,9 +171,9 @@ def _transport_error(op: Send | Read, exc: Exception) -> SharedOllamaError:
     )
 
 
-def _head(resp: httpx.Response) -> Head:
+def _head(resp: httpx.Response, connection: Connection, shard: int) -> Head:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.headers.raw}
-    return Head(resp.status_code, headers, _Reply(resp), time.monotonic_ns())
+    return Head(resp.status_code, headers, _Reply(resp, connection, shard), time.monotonic_ns())
 
 
 def _content(op: Read) -> Any:
@@ -286,7 +294,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, SharedOllamaError):
                 await self._health_task
-        await asyncio.gather(*(c.transport.aclose() for c in self._http.values()))
+        transports = (t for c in self._http.values() for t in c.transports)
+        await asyncio.gather(*(t.aclose() for t in transports))
         # The ledger writer is a thread; flushing may wait on the disk: not on the loop.
         await self.usage.aclose()
 
@@ -324,7 +333,10 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         if op is WALL:
             return time.time()
         if isinstance(op, Close):
-            await op.head.handle.response.aclose()
+            reply: _Reply = op.head.handle
+            if (connection := reply.release()) is not None:
+                connection.give(reply.shard)
+            await reply.response.aclose()
             return None
         if isinstance(op, Race):
             return await self._race(op)
@@ -399,14 +411,19 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                 if isinstance(op, Send):
                     connection = self._http[op.endpoint.url]
                     request = connection.request(op.wire, op.headers)
-                    send = connection.transport.handle_async_request
+                    shard = connection.take()
+                    send = connection.transports[shard].handle_async_request
                     try:
-                        return _head(await send(request))
-                    except httpx.RemoteProtocolError as exc:
-                        if not _stale(exc):
-                            raise
-                        # See _STALE: once more, on a fresh connection.
-                        return _head(await send(request))
+                        try:
+                            return _head(await send(request), connection, shard)
+                        except httpx.RemoteProtocolError as exc:
+                            if not _stale(exc):
+                                raise
+                            # See _STALE: once more, on a fresh connection.
+                            return _head(await send(request), connection, shard)
+                    except BaseException:
+                        connection.give(shard)
+                        raise
                 reply: _Reply = op.head.handle
                 if op.whole:
                     body = _Body(op)
@@ -780,7 +797,9 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         #: Calls waiting for a free slot sleep on this; a release wakes them.
         self._slot_freed = threading.Condition()
         self._slot_waiters = 0
-        watched = [watch_transport(c.transport) for c in self._http.values()]
+        #: Guards the shards' free-connection counts (``Connection.take``/``give``).
+        self._shards_lock = threading.Lock()
+        watched = [watch_transport(t) for c in self._http.values() for t in c.transports]
         self._watched = any(watched)
 
     def _owner(self) -> object:
@@ -848,7 +867,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         if workers is not None:
             workers.shutdown(wait=True)
         for connection in self._http.values():
-            connection.transport.close()
+            for transport in connection.transports:
+                transport.close()
         self._watchdog.close()
         self.usage.close()
 
@@ -883,7 +903,11 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         if op is WALL:
             return time.time()
         if isinstance(op, Close):
-            op.head.handle.response.close()
+            reply: _Reply = op.head.handle
+            if (connection := reply.release()) is not None:
+                with self._shards_lock:
+                    connection.give(reply.shard)
+            reply.response.close()
             return None
         if isinstance(op, Sleep):
             return self._sleep(op)
@@ -988,14 +1012,21 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                 timeout = timeout_extension(self.config.timeouts.connect_s, limit)
                 connection = self._http[op.endpoint.url]
                 request = connection.request(op.wire, op.headers, timeout)
-                send = connection.transport.handle_request
+                with self._shards_lock:
+                    shard = connection.take()
+                send = connection.transports[shard].handle_request
                 try:
-                    return _head(send(request))
-                except httpx.RemoteProtocolError as exc:
-                    if (alarm is not None and alarm.fired) or not _stale(exc):
-                        raise
-                    # See _STALE: once more, on a fresh connection.
-                    return _head(send(request))
+                    try:
+                        return _head(send(request), connection, shard)
+                    except httpx.RemoteProtocolError as exc:
+                        if (alarm is not None and alarm.fired) or not _stale(exc):
+                            raise
+                        # See _STALE: once more, on a fresh connection.
+                        return _head(send(request), connection, shard)
+                except BaseException:
+                    with self._shards_lock:
+                        connection.give(shard)
+                    raise
             reply: _Reply = op.head.handle
             if op.whole:
                 body = _Body(op)

@@ -55,12 +55,10 @@ class Endpoint(BaseModel):
     #: Most concurrent calls this library sends here (e.g. Ollama's OLLAMA_NUM_PARALLEL);
     #: beyond it calls go elsewhere or wait. None: no cap.
     max_in_flight: int | None = Field(default=None, ge=1)
-    #: httpx connection pool size for this endpoint.
+    #: Connections to this endpoint at most (httpx pools of 4, see ``_transport``).
     max_connections: int = Field(default=64, ge=1)
-    #: Idle connections kept open (httpx's default). httpcore checks every pooled
-    #: connection on each request: 64 kept-alive connections halved the throughput of a
-    #: 64-way workload against 20 (benchmarks/overhead.py).
-    max_keepalive: int = Field(default=20, ge=0)
+    #: Idle connections kept open; None: all of them (closed after 5 s idle).
+    max_keepalive: int | None = Field(default=None, ge=0)
     headers: dict[str, str] = Field(default_factory=dict)
     #: An HTTP(S) or SOCKS proxy for this endpoint (``http://user:pass@proxy:3128``); None:
     #: the environment's (``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``, minus ``NO_PROXY``)

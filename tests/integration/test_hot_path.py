@@ -90,3 +90,66 @@ def test_a_pooled_accounted_call_makes_no_more_calls_than_ollama_python(tmp_path
     # A call that never retried built no tenacity object; the ledger wrote every record.
     assert mine.get("tenacity", 0) == 0, mine
     assert written == N + 10, written
+
+
+async def _count_concurrent(ledger: Path, concurrency: int) -> dict[str, float]:
+    import ollama
+
+    counter = CallCounter()
+    counter.install()
+    try:
+        with ExitStack() as stack:
+            port = start_server(stack)
+            url = f"http://127.0.0.1:{port}"
+            body = {"model": MODEL, "messages": MESSAGES, "stream": False}
+            oll = ollama.AsyncClient(host=url)
+            async with (
+                httpx.AsyncClient(base_url=url) as raw,
+                SharedClient(
+                    endpoints=[Endpoint(url, kind="ollama", models=[MODEL])],
+                    usage=UsageConfig(path=str(ledger)),
+                    health=HealthPolicy(enabled=False),
+                ) as one,
+            ):
+
+                async def raw_call() -> object:
+                    return (await raw.post("/api/chat", json=body)).json()
+
+                variants: dict[str, Callable[[], Awaitable[object]]] = {
+                    "raw httpx": raw_call,
+                    "ollama-python": lambda: oll.chat(model=MODEL, messages=MESSAGES),
+                    "SharedClient": lambda: one.chat(model=MODEL, messages=MESSAGES),
+                }
+
+                async def burst(fn: Callable[[], Awaitable[object]], each: int) -> None:
+                    async def worker() -> None:
+                        for _ in range(each):
+                            await fn()
+
+                    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+                counts: dict[str, float] = {}
+                for name, fn in variants.items():
+                    await burst(fn, 2)  # warm: its connections open
+                    with counter.counting():
+                        await burst(fn, 4)
+                    counts[name] = counter.calls / (4 * concurrency)
+            await oll._client.aclose()
+        return counts
+    finally:
+        counter.uninstall()
+
+
+def test_many_concurrent_calls_cost_no_more_per_call_than_one_at_a_time(tmp_path: Path) -> None:
+    """At 32 concurrent calls one httpcore pool walks all its connections per request (and
+    churns connections past its keep-alive limit): the bare clients' calls per request grow
+    with concurrency, ours (the endpoint's connections in pools of 4) stay flat and below
+    ollama-python's."""
+    counts = asyncio.run(_count_concurrent(tmp_path / "usage.db", 32))
+    report_line(
+        "calls per chat at 32 concurrent, one endpoint: "
+        + ", ".join(f"{name} {n:.0f}" for name, n in counts.items()),
+        "hot path",
+    )
+    assert counts["SharedClient"] <= counts["ollama-python"], counts
+    assert counts["SharedClient"] <= counts["raw httpx"], counts
