@@ -21,6 +21,7 @@ import httpx
 from ._version import __version__
 from .config import Endpoint, Timeouts
 from .errors import (
+    ConfigError,
     ConnectError,
     ProtocolError,
     SharedOllamaError,
@@ -33,6 +34,7 @@ __all__ = [
     "env_proxy",
     "map_transport_error",
     "shard_limits",
+    "ssl_context",
     "timeout_extension",
     "transport_options",
 ]
@@ -41,7 +43,7 @@ USER_AGENT = f"shared-ollama/{__version__}"
 # The standard library's NO_PROXY matching (host, domain suffix, host:port, "*"), the one
 # ``requests`` uses; typeshed does not list it.
 _proxy_bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-_DEFAULT_HEADERS = {"accept": "*/*", "user-agent": USER_AGENT}
+DEFAULT_HEADERS = {"accept": "*/*", "user-agent": USER_AGENT}
 
 
 def env_proxy(url: str) -> str | None:
@@ -61,7 +63,8 @@ def env_proxy(url: str) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
-def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
+def ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
+    """The endpoint's TLS context: its ``verify`` and ``cert`` settings."""
     # Built once per endpoint and shared by its shards: httpx would build one per transport
     # (about 20 ms each, loading the CA bundle).
     verify = endpoint.verify
@@ -91,7 +94,7 @@ def transport_options(endpoint: Endpoint) -> dict[str, Any]:
     proxy = endpoint.proxy.get_secret_value() if endpoint.proxy is not None else None
     if proxy is None and endpoint.trust_env:
         proxy = env_proxy(endpoint.url)
-    return {"verify": _ssl_context(endpoint), "trust_env": endpoint.trust_env, "proxy": proxy}
+    return {"verify": ssl_context(endpoint), "trust_env": endpoint.trust_env, "proxy": proxy}
 
 
 #: Connections per httpcore pool (a shard). On every request and every release, httpcore's
@@ -156,7 +159,10 @@ class Connection:
         """The endpoint's shards, built by ``factory`` (an httpx transport class)."""
         options = transport_options(endpoint)
         limits = shard_limits(endpoint.max_connections, endpoint.max_keepalive)
-        transports = [factory(limits=lim, **options) for lim in limits]
+        try:
+            transports = [factory(limits=lim, **options) for lim in limits]
+        except ImportError as exc:  # a SOCKS proxy without httpx's socks extra
+            raise ConfigError(f"{endpoint.url}: {exc}") from None
         return cls(endpoint, timeouts, transports, [lim.max_connections or 0 for lim in limits])
 
     def take(self) -> int:
@@ -184,7 +190,7 @@ class Connection:
         url = self._urls.get(wire.path)
         if url is None:
             url = self._urls[wire.path] = httpx.URL(self.base + wire.path)
-        merged = {**_DEFAULT_HEADERS, **headers, **wire.headers}
+        merged = {**DEFAULT_HEADERS, **headers, **wire.headers}
         extensions = {"timeout": timeout or self.timeout}
         if wire.json is None:
             return httpx.Request(wire.method, url, headers=merged, extensions=extensions)

@@ -333,10 +333,7 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         if op is WALL:
             return time.time()
         if isinstance(op, Close):
-            reply: _Reply = op.head.handle
-            if (connection := reply.release()) is not None:
-                connection.give(reply.shard)
-            await reply.response.aclose()
+            await self._close_reply(op.head.handle)
             return None
         if isinstance(op, Race):
             return await self._race(op)
@@ -370,6 +367,12 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                 del performing[task]
             else:
                 performing[task] -= 1
+
+    async def _close_reply(self, reply: _Reply) -> None:
+        """Close a reply (read or not) and give its shard back."""
+        if (connection := reply.release()) is not None:
+            connection.give(reply.shard)
+        await reply.response.aclose()
 
     async def _sleep(self, op: Sleep) -> None:
         """A backoff sleeps; a wait for a slot ends at the next release."""
