@@ -22,7 +22,7 @@ from typing import Any, Literal, overload
 import httpx
 
 from ._base import NOT_GIVEN, BaseClient, NotGiven
-from ._core.requests import chat_op, create_body, embed_op, generate_op, show_op
+from ._core.requests import Op, chat_op, create_body, embed_op, generate_op, show_op
 from ._core.results import CHUNKS, RESPONSES, embeddings_response
 from ._core.steps import (
     NOW,
@@ -42,6 +42,8 @@ from ._core.steps import (
 from ._transport import Connection, map_transport_error, timeout_extension
 from ._watchdog import Alarm, Watchdog, watch_transport
 from .errors import ClientClosed, ProtocolError, SharedOllamaError, Timeout
+from .protocols import Parsed, Piece
+from .records import CallRecord
 from .types import (
     ChatChunk,
     ChatResponse,
@@ -187,6 +189,10 @@ def _content(op: Read) -> Any:
     )
 
 
+def _has_content(record: CallRecord, piece: Piece) -> bool:
+    return bool(piece.text or piece.thinking or piece.tool_calls)
+
+
 def _advance(gen: Steps[Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
     """Resume ``gen`` with ``value`` (or ``error``) up to the next operation that needs the
     driver: ``(False, op)``, or ``(True, result)`` once it returned. Clock readings are
@@ -327,7 +333,21 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             except BaseException as exc:
                 out = await self._run(gen, error=exc)
             else:
-                out = await self._run(gen)
+                # Chunks decoded from one read come one after another: the next is taken
+                # here, with no coroutine made to await; I/O goes through _run as usual.
+                done, op = _advance(gen, None, None)
+                if done or type(op) is Deliver:
+                    out = op
+                else:
+                    out = await self._run_from(gen, op)
+
+    async def _run_from(self, gen: Steps[Any], op: Any) -> Any:
+        """``_run``, starting with ``op`` the steps already yielded."""
+        try:
+            value, error = await self._perform(op), None
+        except BaseException as exc:
+            value, error = None, exc
+        return await self._run(gen, value, error)
 
     async def _perform(self, op: IOOp) -> Any:
         if op is WALL:
@@ -441,6 +461,12 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             raise _deadline_error(op, total) from None
         except httpx.HTTPError as exc:
             raise _transport_error(op, exc) from None
+
+    def _content_flags(self, op: Op[Parsed], tags: Mapping[str, str] | None) -> AsyncIterator[bool]:
+        """A stream read the bench's way: whether each chunk carried content (text,
+        thinking or tool calls), with no typed chunk built; the call is routed, retried and
+        accounted exactly as a public stream."""
+        return self._iterate(self._streaming(op, _has_content, None, NOT_GIVEN, tags))
 
     # -- public API -------------------------------------------------------------------
     @overload

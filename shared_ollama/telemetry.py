@@ -359,6 +359,9 @@ class CallSpan:
         span = self._span
         error_type = None if record.ok else (record.error_type or record.outcome)
         common = self._common(record)
+        if not span.is_recording():  # no tracer provider: no attributes to build
+            _record_metrics(self._telemetry.instruments, record, common, error_type)
+            return
         attrs: dict[str, AttributeValue] = {
             **common,
             "shared_ollama.attempts": len(record.attempts),

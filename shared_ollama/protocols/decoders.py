@@ -226,17 +226,38 @@ class SSEDecoder:
                 self._skip_lf = False
                 if text.startswith("\n", pos):
                     pos += 1
-        for m in _LINE_END.finditer(text, pos):
-            line = text[pos : m.start()]
-            if self._partial:
-                line = "".join(self._partial) + line
-                self._partial, self._partial_len = [], 0
-            self._line(line, out)
-            pos = m.end()
-            self._skip_lf = m.group() == "\r" and pos == len(text)
-        if pos < len(text):
-            self._partial.append(text[pos:])
-            self._partial_len += len(text) - pos
+        if "\r" not in text:
+            # The common case (every server here ends lines with \n): str.split, not the
+            # regex, finds the lines; the last piece is the start of an unfinished line.
+            lines = text[pos:].split("\n") if pos else text.split("\n")
+            tail = lines.pop()
+            if lines:
+                if self._partial:
+                    lines[0] = "".join(self._partial) + lines[0]
+                    self._partial, self._partial_len = [], 0
+                line_of, data = self._line, self._data
+                for line in lines:
+                    if line.startswith("data: "):  # most lines: inline, not a call
+                        data.append(line[6:])
+                        self._size += len(line) - 6
+                    else:
+                        line_of(line, out)
+                        data = self._data  # a blank line dispatched the event: a new list
+            if tail:
+                self._partial.append(tail)
+                self._partial_len += len(tail)
+        else:
+            for m in _LINE_END.finditer(text, pos):
+                line = text[pos : m.start()]
+                if self._partial:
+                    line = "".join(self._partial) + line
+                    self._partial, self._partial_len = [], 0
+                self._line(line, out)
+                pos = m.end()
+                self._skip_lf = m.group() == "\r" and pos == len(text)
+            if pos < len(text):
+                self._partial.append(text[pos:])
+                self._partial_len += len(text) - pos
         if final and self._partial:
             line = "".join(self._partial)  # the line ends here; its event still needs a blank line
             self._partial, self._partial_len = [], 0

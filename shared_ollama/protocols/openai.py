@@ -259,10 +259,9 @@ class OpenAIStream(FramedStream[SSEEvent]):
 
     def _chunk(self, obj: dict[str, Any]) -> Piece:
         what = self._what
-        piece = Piece(
-            served_model=opt_str(obj, "model", what),
-            server_timings=_llamacpp_timings(obj, what),
-        )
+        piece = Piece(served_model=opt_str(obj, "model", what))
+        if "timings" in obj:  # llama.cpp's, on its last chunk
+            piece.server_timings = _llamacpp_timings(obj, what)
         choice = _first_choice(obj, what)
         if choice is not None:
             if self._chat:
