@@ -2,8 +2,8 @@
 
 ``run`` (the default) validates the scenario, runs it with a progress bar, Ctrl-C stopping
 cleanly, and writes JSON, CSV and HTML. Exit codes: 0 ok, 1 regression, 2 bad input, 3 the
-warm-up got no answer (each endpoint's health and last error printed), 130 interrupted
-(results still written).
+warm-up got no answer (each endpoint's health and last error printed) or the prompt-length
+calibration failed (one line), 130 interrupted (results still written).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from ..records import CallRecord
@@ -27,7 +30,7 @@ from .scheduler import Stop
 
 __all__ = ["main"]
 
-_SUBCOMMANDS = ("run", "compare", "report")
+_SUBCOMMANDS = ("run", "capacity", "compare", "report", "selftest")
 
 
 def _num_list(kind: Callable[[str], float]) -> Callable[[str], list[float]]:
@@ -53,6 +56,11 @@ def _run_parser(sub: Any) -> None:
         help="run a benchmark (the default)",
         description="Run a benchmark; flags override the scenario file.",
     )
+    _bench_flags(p, schedules=True)
+
+
+def _bench_flags(p: argparse.ArgumentParser, *, schedules: bool) -> None:
+    """``run``'s flags; ``capacity`` takes all but the schedules and the goodput SLOs."""
     p.add_argument("--scenario", metavar="FILE", help="TOML scenario file")
     p.add_argument(
         "--simulate",
@@ -69,32 +77,43 @@ def _run_parser(sub: Any) -> None:
     )
     p.add_argument("--api-key-env", metavar="VAR", help="env variable holding the endpoints' key")
     p.add_argument("--model", help="logical model name")
-    p.add_argument(
-        "--concurrency",
-        type=_num_list(int),
-        metavar="N,N,...",
-        help="closed loop: one phase per concurrency level",
-    )
-    p.add_argument(
-        "--rate",
-        type=_num_list(float),
-        metavar="R,R,...",
-        help="open loop: one phase per rate (requests/s)",
-    )
-    p.add_argument(
-        "--sweep",
-        type=int,
-        metavar="POINTS",
-        help="sweep: synchronous, saturated, then POINTS rates between",
-    )
+    if schedules:
+        p.add_argument(
+            "--concurrency",
+            type=_num_list(int),
+            metavar="N,N,...",
+            help="closed loop: one phase per concurrency level",
+        )
+        p.add_argument(
+            "--rate",
+            type=_num_list(float),
+            metavar="R,R,...",
+            help="open loop: one phase per rate (requests/s)",
+        )
+        p.add_argument(
+            "--sweep",
+            type=int,
+            metavar="POINTS",
+            help="sweep: synchronous, saturated, then POINTS rates between",
+        )
+        p.add_argument("--context-sweep", type=_context_sweep, metavar="POINTS[:MAX]",
+                       help="POINTS prompt lengths up to the model's context (or MAX tokens), "
+                            "one closed-loop phase each: TTFT vs prompt length")  # fmt: skip
     p.add_argument("--arrival", choices=("constant", "poisson"), help="open-loop arrivals")
     p.add_argument("--burstiness", type=float, help="gamma shape (1: Poisson, <1: burstier)")
     p.add_argument("--ramp", type=float, metavar="S", help="ramp-up seconds")
-    p.add_argument("--max-concurrency", type=int, help="sweep: the saturating concurrency")
+    if schedules:
+        p.add_argument("--max-concurrency", type=int, help="sweep: the saturating concurrency")
     p.add_argument("--requests", type=int, help="requests per phase")
     p.add_argument("--duration", type=float, metavar="S", help="seconds per phase")
     p.add_argument("--warmup", type=int, metavar="N", help="warm-up requests (not measured)")
-    p.add_argument("--prompt-tokens", metavar="DIST", help="N | uniform:MIN:MAX | normal:M:SD")
+    p.add_argument("--prompt-tokens", metavar="DIST",
+                   help="prompt length in the server's own tokens (calibrated): "
+                        "N | uniform:MIN:MAX | normal:M:SD")  # fmt: skip
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="no calibration requests: prompt lengths are in words")  # fmt: skip
+    p.add_argument("--recalibrate", action="store_true",
+                   help="measure the servers' token counts again (ignore the cache)")  # fmt: skip
     p.add_argument("--max-tokens", metavar="DIST", help="completion length (same forms)")
     p.add_argument("--min-tokens", type=int, metavar="N",
                    help="ask the server for at least N output tokens (options.min_tokens: "
@@ -105,14 +124,26 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--operation", choices=("chat", "generate"))
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--prompts", metavar="FILE.jsonl", help="prompts instead of synthetic ones")
-    p.add_argument("--slo", metavar="ttft:MS,tpot:MS,e2e:MS", help="SLOs for goodput")
+    if schedules:
+        p.add_argument("--slo", metavar="ttft:MS,tpot:MS,e2e:MS", help="SLOs for goodput")
     p.add_argument("--seed", type=int)
     p.add_argument("--name", help="run name (output folder prefix)")
     p.add_argument("--out", metavar="DIR", help="output folder")
-    p.add_argument("--sample-interval", type=float, metavar="S", help="sampler period")
+    p.add_argument("--sample-interval", type=float, metavar="S",
+                   help="host and GPU sampler period (default 0.5)")  # fmt: skip
+    p.add_argument("--server-sample-interval", type=float, metavar="S",
+                   help="servers' /metrics and /api/ps period (default 2)")  # fmt: skip
     p.add_argument("--no-samplers", action="store_true", help="no GPU/host/server sampling")
+    p.add_argument("--gpu-hour-price", type=float, metavar="PRICE",
+                   help="price of one GPU-hour: adds cost per million tokens")  # fmt: skip
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="GPUs serving the pool, for cost (default: NVML's, else 1)")  # fmt: skip
     p.add_argument("--no-html", action="store_true", help="skip the HTML report")
+    p.add_argument("--pdf", action="store_true", default=None,
+                   help="also write report.pdf (matplotlib)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--http", choices=("auto", "httpx", "aiohttp"),
+                   help="the client's HTTP driver (auto: aiohttp when installed)")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,18 +153,91 @@ def _parser() -> argparse.ArgumentParser:
         "shared_ollama's client. Try: python -m shared_ollama.bench --simulate",
         epilog="run is the default subcommand; see 'run --help' for its flags.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,compare,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,capacity,compare,report,selftest}")
     _run_parser(sub)
+    _capacity_parser(sub)
     c = sub.add_parser("compare", help="compare two results; non-zero exit on regression")
     c.add_argument("a", metavar="A.json", help="baseline")
     c.add_argument("b", metavar="B.json", help="candidate")
-    c.add_argument("--fail-above", metavar="PCT", help="exit 1 when a metric is worse by more")
+    c.add_argument("--fail-above", metavar="PCT",
+                   help="exit 1 when a metric is worse by more (capacity: lower)")  # fmt: skip
     c.add_argument("--metrics", help="comma-separated metric names (vLLM keys, error_rate)")
     r = sub.add_parser("report", help="print a result and write its HTML report")
     r.add_argument("result", metavar="RESULT.json")
     r.add_argument("--html", metavar="PATH", help="HTML path (default: next to the JSON)")
     r.add_argument("--no-html", action="store_true")
+    r.add_argument("--pdf", nargs="?", const="", metavar="PATH",
+                   help="also write the PDF report (default path: next to the JSON)")  # fmt: skip
+    r.add_argument("--gpu-hour-price", type=float, metavar="PRICE",
+                   help="price of one GPU-hour: adds cost per million tokens")  # fmt: skip
+    r.add_argument("--gpus", type=int, metavar="N", help="GPUs serving the pool, for the cost")
+    _selftest_parser(sub)
     return parser
+
+
+def _capacity_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "capacity",
+        help="find the highest load that meets an SLO",
+        description="Bracket by doubling the load from --start until the SLO fails, then "
+        "bisect to --resolution; each load is measured --repeats times. Pool and workload "
+        "flags as for run.",
+    )
+    p.add_argument("--slo", dest="capacity_slo", required=True, metavar="METRIC<=LIMIT,...",
+                   help="e.g. p99_ttft_ms<=500,p99_itl_ms<=50,error_rate<=0.01")  # fmt: skip
+    p.add_argument("--search", choices=("concurrency", "rate"), default="concurrency",
+                   help="vary closed-loop concurrency or open-loop rate (req/s)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measurements per load, for a confidence interval (default 3)")  # fmt: skip
+    p.add_argument("--resolution", default="5%", metavar="PCT|STEP",
+                   help="stop bisecting at this bracket width (default 5%%)")  # fmt: skip
+    p.add_argument("--start", type=float, default=1.0, help="the lowest load (default 1)")
+    p.add_argument("--max-load", type=float, default=256.0, help="the highest (default 256)")
+    _bench_flags(p, schedules=False)
+    p.set_defaults(concurrency=None, rate=None, sweep=None, max_concurrency=None, slo=None)
+
+
+def _selftest_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "selftest",
+        help="the driver's own ceiling against an instant server, beside vLLM's client",
+    )
+    s.add_argument("--requests", type=int, default=2000)
+    s.add_argument("--concurrency", type=int, default=64)
+    s.add_argument("--tokens", type=int, default=16, help="one-token chunks per stream")
+    s.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    s.add_argument("--vllm-python", metavar="PYTHON",
+                   help="a Python with vLLM installed: its bench client runs too")  # fmt: skip
+    s.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer for vLLM's client")
+    s.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+
+
+def _cmd_selftest(args: argparse.Namespace, console: Console) -> int:
+    from .selftest import format_table, run_selftest
+
+    if min(args.requests, args.concurrency, args.tokens, args.rounds) < 1:
+        console.print("[red]error:[/] counts must be at least 1", highlight=False)
+        return 2
+    if args.vllm_python is not None and args.tokenizer is None:
+        console.print("[red]error:[/] --vllm-python needs --tokenizer", highlight=False)
+        return 2
+    try:
+        result = run_selftest(
+            requests=args.requests,
+            concurrency=args.concurrency,
+            tokens=args.tokens,
+            rounds=args.rounds,
+            vllm_python=args.vllm_python,
+            tokenizer=args.tokenizer,
+        )
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 1
+    for line in format_table(result):
+        console.print(line, highlight=False)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_dict(), indent=1), encoding="utf-8")
+    return 0
 
 
 # -- run: flags -> scenario ------------------------------------------------------------
@@ -145,6 +249,17 @@ def _stop_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {"requests": args.requests, "duration_s": args.duration}
 
 
+def _context_sweep(text: str) -> dict[str, Any]:
+    points, _, top = text.partition(":")
+    try:
+        spec: dict[str, Any] = {"kind": "context", "points": int(points)}
+        if top:
+            spec["up_to"] = int(top)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected POINTS or POINTS:MAX: {text!r}") from None
+    return spec
+
+
 def _flag_schedules(args: argparse.Namespace) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if args.concurrency:
@@ -153,6 +268,8 @@ def _flag_schedules(args: argparse.Namespace) -> list[dict[str, Any]]:
         out.append({"kind": "rate", "rates": args.rate})
     if args.sweep is not None:
         out.append({"kind": "sweep", "points": args.sweep})
+    if (context := getattr(args, "context_sweep", None)) is not None:
+        out.append(context)
     return out
 
 
@@ -228,10 +345,21 @@ def build_scenario(args: argparse.Namespace) -> Any:
         "name": args.name,
         "out": args.out,
         "simulate": args.simulate,
+        "http": getattr(args, "http", None),
     }
     data.update({k: v for k, v in top.items() if v is not None})
     if args.no_html:
         data["html"] = False
+    if args.pdf:
+        data["pdf"] = True
+    cost = {"gpu_hour_price": args.gpu_hour_price, "gpus": args.gpus}
+    if any(v is not None for v in cost.values()):
+        given = {k: v for k, v in cost.items() if v is not None}
+        data["cost"] = {**(data.get("cost") or {}), **given}
+    if args.no_calibrate and args.recalibrate:
+        raise ValueError("--no-calibrate and --recalibrate: choose one")
+    if args.no_calibrate or args.recalibrate:
+        data["calibrate"] = "off" if args.no_calibrate else "refresh"
     _apply_pool(data, args)
     _apply_schedules(data, args)
     _apply_workloads(data, args)
@@ -244,6 +372,8 @@ def build_scenario(args: argparse.Namespace) -> Any:
         samplers["enabled"] = False
     if args.sample_interval is not None:
         samplers["interval_s"] = args.sample_interval
+    if args.server_sample_interval is not None:
+        samplers["server_interval_s"] = args.server_sample_interval
     data["samplers"] = samplers
     return validate_scenario(data, args.scenario or "flags")
 
@@ -315,7 +445,10 @@ class _Progress:
             self.bar.stop()
 
 
-async def _run_async(scenario: Any, progress: _Progress | None, console: Console) -> Any:
+async def _run_async(
+    scenario: Any, progress: _Progress | None, console: Console, run: Any = None
+) -> Any:
+    """``run`` (default ``run_scenario``) with Ctrl-C hooked to the runner's stop."""
     from .runner import Runner
     from .session import run_scenario
 
@@ -337,7 +470,7 @@ async def _run_async(scenario: Any, progress: _Progress | None, console: Console
                 pass
 
     try:
-        return await run_scenario(
+        return await (run or run_scenario)(
             scenario,
             progress=progress,
             on_record=progress.record if progress else None,
@@ -354,7 +487,7 @@ def _out_dir(scenario: Any) -> Path:
     return Path("bench-results") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _write(result: Any, out: Path, html: bool, console: Console) -> None:
+def _write(result: Any, out: Path, html: bool, console: Console, pdf: bool = False) -> None:
     from .result import write_csv, write_json
 
     paths = [
@@ -365,6 +498,10 @@ def _write(result: Any, out: Path, html: bool, console: Console) -> None:
         from .html_report import write_html
 
         paths.append(write_html(result, out / "report.html"))
+    if pdf:
+        from .pdf_report import write_pdf
+
+        paths.append(write_pdf(result, out / "report.pdf"))
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -375,21 +512,102 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     try:
         scenario = build_scenario(args)
     except (ScenarioError, ValueError) as exc:
-        # One line on stderr, like every CLI of the library (no traceback, nothing echoed).
-        text = str(exc).replace(":\n  ", ": ").replace("\n  ", "; ").replace("\n", " ")
-        print(f"error: {text}", file=sys.stderr)
-        return 2
-    from .session import WarmupFailed
+        return _input_error(exc)
+    from .calibrate import prompt_token_lines
+    from .session import CalibrationFailed, WarmupFailed
 
     progress = None if args.quiet else _Progress(console)
     try:
         with progress or contextlib.nullcontext():
             result = asyncio.run(_run_async(scenario, progress, console))
+    except CalibrationFailed as exc:
+        return _calibration_error(exc, console)
     except WarmupFailed as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 3
     print_summary(result, console)
-    _write(result, _out_dir(scenario), scenario.html, console)
+    for line in prompt_token_lines(result):
+        console.print(line, highlight=False, markup=False)
+    _write(result, _out_dir(scenario), scenario.html, console, scenario.pdf)
+    return 130 if result.metadata.interrupted else 0
+
+
+def _calibration_error(exc: Exception, console: Console) -> int:
+    # One line, never wrapped: the reason can be long (an endpoint's own error).
+    text = " ".join(str(exc).split())
+    console.print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    return 3
+
+
+def _input_error(exc: Exception) -> int:
+    # One line on stderr, like every CLI of the library (no traceback, nothing echoed).
+    text = str(exc).replace(":\n  ", ": ").replace("\n  ", "; ").replace("\n", " ")
+    print(f"error: {text}", file=sys.stderr)
+    return 2
+
+
+# -- capacity ---------------------------------------------------------------------------
+
+
+def _capacity_spec(args: argparse.Namespace, scenario: Any) -> Any:
+    from .capacity import (
+        CapacitySpec,
+        SearchSpace,
+        needs_streams,
+        parse_capacity_slo,
+        parse_resolution,
+    )
+
+    slo = parse_capacity_slo(args.capacity_slo)
+    if (stream_only := needs_streams(slo)) and not all(w.stream for w in scenario.workloads):
+        raise ValueError(f"--slo {stream_only[0]} needs streamed requests: drop --no-stream")
+    step, relative = parse_resolution(args.resolution)
+    integer = args.search == "concurrency"
+    space = SearchSpace(args.start, args.max_load, step, relative, integer)
+    # Each probe has the shape of the scenario's first schedule, as the flags left it.
+    first = scenario.schedules[0]
+    return CapacitySpec(
+        search=args.search,
+        slo=slo,
+        space=space,
+        repeats=args.repeats,
+        stop=first.stop(),
+        arrival=args.arrival or getattr(first, "arrival", "poisson"),
+        burstiness=args.burstiness or getattr(first, "burstiness", 1.0),
+        ramp_s=args.ramp if args.ramp is not None else getattr(first, "ramp_s", 0.0),
+        resolution_text=args.resolution.strip(),
+    )
+
+
+def _cmd_capacity(args: argparse.Namespace, console: Console) -> int:
+    import functools
+
+    from .capacity import print_capacity, probe_line, run_capacity
+    from .scenario import ScenarioError
+    from .session import CalibrationFailed, WarmupFailed
+
+    try:
+        scenario = build_scenario(args)
+        spec = _capacity_spec(args, scenario)
+    except (ScenarioError, ValueError) as exc:
+        return _input_error(exc)
+
+    def on_probe(probe: Any) -> None:
+        if not args.quiet:
+            console.print(escape(probe_line(spec.search, probe, spec.slo)), highlight=False)
+
+    run = functools.partial(run_capacity, spec=spec, on_probe=on_probe)
+    progress = None if args.quiet else _Progress(console)
+    try:
+        with progress or contextlib.nullcontext():
+            result = asyncio.run(_run_async(scenario, progress, console, run))
+    except CalibrationFailed as exc:
+        return _calibration_error(exc, console)
+    except WarmupFailed as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 3
+    print_capacity(result.capacity, console)
+    _write(result, _out_dir(scenario), scenario.html, console, scenario.pdf)
     return 130 if result.metadata.interrupted else 0
 
 
@@ -421,11 +639,27 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
+    if args.gpu_hour_price is not None:
+        from .findings import apply_cost
+
+        try:
+            apply_cost(result, args.gpu_hour_price, args.gpus)
+        except ValueError as exc:
+            return _input_error(exc)
     print_summary(result, console)
+    if result.capacity is not None:
+        from .capacity import print_capacity
+
+        print_capacity(result.capacity, console)
     if not args.no_html:
         from .html_report import write_html
 
         path = write_html(result, args.html or Path(args.result).with_name("report.html"))
+        console.print(f"wrote {path}")
+    if args.pdf is not None:
+        from .pdf_report import write_pdf
+
+        path = write_pdf(result, args.pdf or Path(args.result).with_name("report.pdf"))
         console.print(f"wrote {path}")
     return 0
 
@@ -439,5 +673,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:  # logs and CI: wide tables beat wrapped ones
         console.width = max(console.width, 160)
-    commands = {"run": _cmd_run, "compare": _cmd_compare, "report": _cmd_report}
+    commands = {
+        "run": _cmd_run,
+        "capacity": _cmd_capacity,
+        "compare": _cmd_compare,
+        "report": _cmd_report,
+        "selftest": _cmd_selftest,
+    }
     return commands[args.command](args, console)

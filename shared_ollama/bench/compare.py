@@ -1,7 +1,8 @@
 """``compare A.json B.json``: per-metric deltas of B against A and a regression verdict.
 
-A metric regresses when it moves the wrong way (latency up, throughput down) by more than
-the threshold, relative to A; the CLI exits non-zero on any regression.
+A metric regresses when it moves the wrong way (latency up, throughput or ``bench
+capacity``'s answer down) by more than the threshold, relative to A; the CLI exits non-zero
+on any regression.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .result import BenchResult, Summary
+from .result import BenchResult, CapacityResult, Summary
 
 __all__ = ["DEFAULT_METRICS", "Delta", "compare", "parse_threshold", "print_deltas"]
 
@@ -30,6 +31,8 @@ _DIRECTION = {
     "total_token_throughput": True,
     "request_goodput": True,
     "error_rate": False,
+    #: ``bench capacity``'s answer (the highest load meeting its SLO).
+    "capacity": True,
 }
 DEFAULT_METRICS = (
     "mean_ttft_ms",
@@ -44,6 +47,7 @@ DEFAULT_METRICS = (
     "output_throughput",
     "request_goodput",
     "error_rate",
+    "capacity",
 )
 
 
@@ -112,10 +116,44 @@ def compare(
     a_names = {p.name for p in a.phases}
     notes += [f"phase {n!r} is only in B" for n in b_phases if n not in a_names]
     deltas = []
+    per_scope = [m for m in metrics if m != "capacity"]
     for scope, sa, sb in scopes:
         va, vb = _values(sa), _values(sb)
-        deltas += [_delta(scope, m, va.get(m), vb.get(m), threshold_pct) for m in metrics]
+        deltas += [_delta(scope, m, va.get(m), vb.get(m), threshold_pct) for m in per_scope]
+    if "capacity" in metrics:
+        asked = list(metrics) != list(DEFAULT_METRICS)
+        deltas += _capacity_delta(a.capacity, b.capacity, threshold_pct, notes, asked)
     return deltas, notes
+
+
+def _capacity_value(cap: CapacityResult) -> float | None:
+    if cap.status == "below_start":
+        return 0.0  # nothing met the SLO: any capacity in A is lost
+    return None if cap.status == "interrupted" else cap.capacity
+
+
+def _capacity_delta(
+    a: CapacityResult | None,
+    b: CapacityResult | None,
+    threshold: float | None,
+    notes: list[str],
+    asked: bool,
+) -> list[Delta]:
+    if a is None or b is None:
+        if a is not None or b is not None:
+            notes.append(f"only {'A' if b is None else 'B'} has a capacity search")
+        elif asked:
+            notes.append("neither result has a capacity search")
+        return []
+    if (a.search, a.slo) != (b.search, b.slo):
+        notes.append("the capacity searches differ (search or SLO): capacity not compared")
+        return []
+    for name, cap in (("A", a), ("B", b)):
+        if cap.status == "interrupted":
+            notes.append(f"{name}'s capacity search was interrupted")
+        elif cap.status == "at_max_load":
+            notes.append(f"{name}'s capacity is at least {cap.capacity:g} (its --max-load)")
+    return [_delta("all", "capacity", _capacity_value(a), _capacity_value(b), threshold)]
 
 
 def _num(v: float | None) -> str:

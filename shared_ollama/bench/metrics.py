@@ -52,7 +52,12 @@ DEFINITIONS = {
     "total_token_throughput": "(Input + output tokens) of completed requests / duration_s.",
     "goodput": "Completed requests meeting every SLO / duration_s; an SLO on a metric the "
     "request lacks (TTFT/TPOT of a non-stream call) is not applied to it.",
-    "send_lag_ms": "Open loop: actual send (t_start_ns) minus planned send time.",
+    "send_lag_ms": "Open loop: actual send (t_start_ns) minus planned send time (the "
+    "schedule delay: the driver sending late).",
+    "client_queue_ms": "Time a call waited inside the client before its first attempt was "
+    "sent (an endpoint slot, a routable endpoint).",
+    "driver_cpu": "CPU time of the bench's event-loop thread over the phase's wall time: "
+    "near 1.0 the driver, not the server, sets the pace.",
     "achieved_rate": "(sends - 1) / (last send - first send).",
     "errors_by_type": "Failed calls (error or interrupted stream) by exception class name.",
     "retries": "Attempts beyond the first, summed over calls.",
@@ -227,6 +232,7 @@ def summarize(
         itl_ms=stats(v / 1e6 for r in ok for v in r.derived().itls_ns),
         e2e_ms=_ms_stats(ok, lambda r: r.e2e_ms),
         send_lag_ms=_ms_stats(requests, lambda r: r.send_lag_ms),
+        client_queue_ms=_ms_stats(requests, lambda r: r.client_queue_ms),
         errors_by_type=_errors(requests),
         retries=sum(r.attempts - 1 for r in requests),
         retried_requests=sum(1 for r in requests if r.attempts > 1),

@@ -9,10 +9,11 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ..records import CallRecord
 from .timings import Derived, derive
@@ -21,10 +22,17 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "BenchResult",
+    "CapacityProbe",
+    "CapacityResult",
+    "CostBasis",
     "EndpointSummary",
+    "Estimate",
     "PhaseResult",
+    "PromptCalibration",
+    "PromptTokens",
     "RequestRecord",
     "RunMetadata",
+    "SamplingInfo",
     "Series",
     "Stats",
     "Summary",
@@ -66,6 +74,9 @@ class RequestRecord(BaseModel):
     #: Open loop: the planned send time; closed loop: None (sent when a worker was free).
     t_scheduled_ns: int | None = None
     t_start_ns: int
+    #: When the first attempt was sent: later than ``t_start_ns`` by the time the call
+    #: waited inside the client (for an endpoint slot, a routable endpoint).
+    t_first_send_ns: int | None = None
     t_first_chunk_ns: int | None = None
     #: Streams: arrival of the last chunk that carried content (E2E ends there).
     t_last_token_ns: int | None = None
@@ -77,8 +88,6 @@ class RequestRecord(BaseModel):
     #: Whether each chunk carried content (text, thinking or tool calls).
     chunk_content: list[bool] | None = None
     server_timings: dict[str, float] = Field(default_factory=dict)
-
-    _derived: Derived | None = PrivateAttr(default=None)
 
     @classmethod
     def from_call(
@@ -114,6 +123,7 @@ class RequestRecord(BaseModel):
             finish_reason=rec.finish_reason,
             t_scheduled_ns=t_scheduled_ns,
             t_start_ns=rec.t_start_ns,
+            t_first_send_ns=rec.attempts[0].t_start_ns if rec.attempts else None,
             t_first_chunk_ns=rec.t_first_chunk_ns,
             t_last_token_ns=rec.t_last_token_ns if rec.stream else None,
             t_end_ns=rec.t_end_ns,
@@ -125,16 +135,21 @@ class RequestRecord(BaseModel):
 
     def derived(self) -> Derived:
         """TTFT/TPOT/ITLs from the raw timestamps (cached)."""
-        if self._derived is None:
-            self._derived = derive(
-                self.t_start_ns,
-                self.t_end_ns,
-                self.chunk_offsets_ns if self.stream else [],
-                self.chunk_tokens,
-                self.output_tokens,
-                self.chunk_content,
-            )
-        return self._derived
+        return self.derivation
+
+    # A cached_property, not a private attribute: reading a pydantic private attribute takes
+    # the model's __getattr__ (about a microsecond; ten reads per request in a summary).
+    @cached_property
+    def derivation(self) -> Derived:
+        """The derived timings, computed once."""
+        return derive(
+            self.t_start_ns,
+            self.t_end_ns,
+            self.chunk_offsets_ns if self.stream else [],
+            self.chunk_tokens,
+            self.output_tokens,
+            self.chunk_content,
+        )
 
     @property
     def ok(self) -> bool:
@@ -167,6 +182,14 @@ class RequestRecord(BaseModel):
         """Start of the call to its very end: a stream's closing events (usage, ``[DONE]``)
         and the reply's release included."""
         return _ms(self.t_end_ns - self.t_start_ns) or 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def client_queue_ms(self) -> float | None:
+        """Time the call waited inside the client before its first send."""
+        if self.t_first_send_ns is None:
+            return None
+        return _ms(max(0, self.t_first_send_ns - self.t_start_ns))
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -228,6 +251,7 @@ class Summary(BaseModel):
     itl_ms: Stats | None = None
     e2e_ms: Stats | None = None
     send_lag_ms: Stats | None = None
+    client_queue_ms: Stats | None = None
     errors_by_type: dict[str, int] = Field(default_factory=dict)
     retries: int = 0
     retried_requests: int = 0
@@ -236,6 +260,10 @@ class Summary(BaseModel):
     server: dict[str, Stats] = Field(default_factory=dict)
     energy_j: float | None = None
     tokens_per_joule: float | None = None
+    #: Given a price per GPU-hour (``BenchResult.cost``): price x GPUs x duration per
+    #: million output tokens, and per million input + output tokens.
+    cost_per_1m_output_tokens: float | None = None
+    cost_per_1m_tokens: float | None = None
     #: The same figures under vLLM ``benchmark_serving`` key names.
     vllm: dict[str, float | int | None] = Field(default_factory=dict)
 
@@ -257,6 +285,13 @@ class PhaseResult(BaseModel):
     t_start_ns: int
     t_end_ns: int
     summary: Summary
+    #: CPU the bench process used during the phase, in cores (1.0: one core busy).
+    driver_cpu: float | None = None
+    #: What makes the phase's figures suspect (the client's own backlog, a saturated host
+    #: CPU, ...): shown in the terminal summary and the HTML report.
+    warnings: list[str] = Field(default_factory=list)
+    #: A context-sweep phase: the prompt length (server tokens) every request asked for.
+    prompt_tokens: int | None = None
 
 
 class Series(BaseModel):
@@ -272,6 +307,33 @@ class Series(BaseModel):
     values: dict[str, list[float | None]] = Field(default_factory=dict)
     errors: int = 0
     last_error: str | None = None
+    #: The cadence it was read at, in seconds (phase boundaries add readings).
+    interval_s: float | None = None
+
+
+class SamplingInfo(BaseModel):
+    """How the samplers ran: their cadences and where (their cost to what they observe)."""
+
+    enabled: bool | None = None
+    #: "process": a sampler process of its own; "thread": a thread of the bench process.
+    where: Literal["process", "thread"] | None = None
+    #: Host and GPU cadence, and the servers' (/metrics, /api/ps), in seconds.
+    interval_s: float | None = None
+    server_interval_s: float | None = None
+    #: CPU seconds the sampler process spent sampling, its start not counted (process only).
+    process_cpu_s: float | None = None
+    #: Why a thread ran them when a process was asked.
+    fallback: str | None = None
+
+
+class CostBasis(BaseModel):
+    """What ``cost_per_1m_*`` assume: a price per GPU-hour and how many GPUs serve."""
+
+    gpu_hour_price: float
+    gpus: int
+    #: Where the GPU count came from: "given" (``--gpus``), "nvml" (seen here), "assumed" (1).
+    gpus_from: Literal["given", "nvml", "assumed"] = "given"
+    currency: str = "USD"
 
 
 class RunMetadata(BaseModel):
@@ -291,6 +353,108 @@ class RunMetadata(BaseModel):
     simulate: bool = False
     interrupted: bool = False
     notes: list[str] = Field(default_factory=list)
+    sampling: SamplingInfo = Field(default_factory=SamplingInfo)
+
+
+class Estimate(BaseModel):
+    """One SLO metric at one load: the value of each repeat, their mean and its confidence
+    interval (Student's t; None with a single repeat)."""
+
+    values: list[float | None]
+    mean: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+
+class CapacityProbe(BaseModel):
+    """One load of a capacity search, measured ``repeats`` times (see ``bench.capacity``)."""
+
+    load: float
+    #: The phases that measured it, one per repeat.
+    phases: list[str] = Field(default_factory=list)
+    #: SLO metric -> its estimate over the repeats.
+    metrics: dict[str, Estimate] = Field(default_factory=dict)
+    #: Completed requests per second, mean over the repeats.
+    throughput: float | None = None
+    #: Open loop: achieved send rate, mean over the repeats.
+    achieved_rate: float | None = None
+    passed: bool
+    #: A confidence interval straddles its limit: more repeats could change the verdict.
+    uncertain: bool = False
+
+
+class CapacityResult(BaseModel):
+    """``bench capacity``: the highest load meeting every SLO, and every probe on the way."""
+
+    search: Literal["concurrency", "rate"]
+    #: Metric -> upper limit, e.g. ``{"p99_ttft_ms": 500.0}``.
+    slo: dict[str, float]
+    repeats: int
+    confidence: float
+    start: float
+    max_load: float
+    #: ``"5%"`` (of the load) or an absolute step in load units.
+    resolution: str
+    #: found | at_max_load (passes at max_load: capacity is at least that) | below_start
+    #: (fails at the lowest load) | interrupted.
+    status: Literal["found", "at_max_load", "below_start", "interrupted"]
+    #: The highest load that met the SLO (None: none did).
+    capacity: float | None = None
+    #: The lowest load that failed it (None: none did).
+    ceiling: float | None = None
+    probes: list[CapacityProbe] = Field(default_factory=list)
+
+
+class PromptCalibration(BaseModel):
+    """How synthetic prompts were sized for one endpoint, model and request shape."""
+
+    endpoint: str
+    model: str
+    operation: str
+    #: Whether the workloads send a system prompt (it is part of what was measured).
+    system: bool = False
+    workloads: list[str] = Field(default_factory=list)
+    #: ``tokenize:vllm``, ``tokenize:llama.cpp``, ``tokenize:tgi`` (word costs from the
+    #: server's /tokenize), ``generation`` (from 1-token generations' prompt counts), or
+    #: ``none`` (no way to count: lengths in words).
+    method: str = "none"
+    #: Taken from the on-disk cache (after its check passed).
+    cached: bool = False
+    requests: int = 0
+    seconds: float = 0.0
+    #: The fewest tokens a synthetic prompt can have (template and one word).
+    shortest_prompt: int | None = None
+    tokens_per_word: float | None = None
+    #: The check: one sized prompt's predicted and server-counted prompt tokens.
+    check_predicted: int | None = None
+    check_counted: int | None = None
+    context_tokens: int | None = None
+    context_source: str | None = None
+    note: str | None = None
+
+
+class PromptTokens(BaseModel):
+    """One workload's prompt lengths: what was asked vs what the server counted."""
+
+    workload: str
+    #: The length distribution asked for (``128``, ``uniform:64:256``) or "prompts file".
+    target: str
+    #: How prompts were sized: a calibration method, "words" (not calibrated) or "file".
+    method: str
+    tolerance_pct: float = 2.0
+    #: Measured requests whose reply carried a prompt count.
+    requests: int = 0
+    target_mean: float | None = None
+    #: What the calibration predicted the server would count.
+    expected_mean: float | None = None
+    server_mean: float | None = None
+    server_min: int | None = None
+    server_max: int | None = None
+    #: Per request (server - target) / target, in percent.
+    mean_error_pct: float | None = None
+    max_abs_error_pct: float | None = None
+    #: Share of requests within ``tolerance_pct`` of their target.
+    within_tolerance: float | None = None
 
 
 class BenchResult(BaseModel):
@@ -309,6 +473,14 @@ class BenchResult(BaseModel):
     samples: list[Series] = Field(default_factory=list)
     #: Series name -> metric -> mean/max/min/last (``samplers.summarize``).
     sample_summary: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
+    #: How synthetic prompts were sized (``bench.calibrate``), per endpoint and shape.
+    calibrations: list[PromptCalibration] = Field(default_factory=list)
+    #: Per workload: target vs server-counted prompt tokens over the measured requests.
+    prompt_tokens: list[PromptTokens] = Field(default_factory=list)
+    #: ``bench capacity`` only (older results and ``run`` have none).
+    capacity: CapacityResult | None = None
+    #: The price basis of the summaries' ``cost_per_1m_*`` (None: no price given).
+    cost: CostBasis | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -346,7 +518,7 @@ _CSV_FIELDS = (
     *("seq", "phase", "workload", "operation", "model", "served_model", "stream", "endpoint"),
     *("protocol", "outcome", "error_type", "attempts", "input_tokens", "output_tokens"),
     *("finish_reason", "t_scheduled_ns", "t_start_ns", "t_first_chunk_ns", "t_end_ns"),
-    *("n_chunks", "ttft_ms", "tpot_ms", "e2e_ms", "send_lag_ms"),
+    *("n_chunks", "ttft_ms", "tpot_ms", "e2e_ms", "send_lag_ms", "client_queue_ms"),
 )
 
 

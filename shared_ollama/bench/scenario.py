@@ -19,10 +19,13 @@ from .workload import Workload
 
 __all__ = [
     "ConcurrencySpec",
+    "CostSpec",
+    "ContextSweepSpec",
     "RateSpec",
     "SamplerSpec",
     "Scenario",
     "ScenarioError",
+    "RunItem",
     "ScheduleSpec",
     "SloSpec",
     "SweepSpec",
@@ -86,8 +89,28 @@ class SweepSpec(_StopSpec):
     burstiness: float = Field(default=1.0, gt=0)
 
 
+class ContextSweepSpec(_StopSpec):
+    """Closed loop at rising prompt lengths: ``points`` lengths (server tokens, log-spaced)
+    from ``start`` up to the model's context (``up_to`` when given), room for the output
+    kept; one phase each (see docs/bench.md, "Context sweep")."""
+
+    kind: Literal["context"] = "context"
+    points: int = Field(default=6, ge=2, le=50)
+    start: int = Field(default=128, ge=1)
+    #: The longest prompt; None: the model's context as the servers report it.
+    up_to: int | None = Field(default=None, ge=2)
+    concurrency: int = Field(default=1, ge=1)
+    ramp_s: float = Field(default=0.0, ge=0)
+
+    def stop(self) -> Stop:
+        """10 requests a length unless told (long prompts are slow)."""
+        if self.requests is None and self.duration_s is None:
+            return Stop(requests=10)
+        return super().stop()
+
+
 ScheduleSpec: TypeAlias = Annotated[
-    ConcurrencySpec | RateSpec | SweepSpec, Field(discriminator="kind")
+    ConcurrencySpec | RateSpec | SweepSpec | ContextSweepSpec, Field(discriminator="kind")
 ]
 
 
@@ -114,13 +137,29 @@ class SamplerSpec(_Spec):
     """Background samplers (host always; GPU and server metrics where available)."""
 
     enabled: bool = True
+    #: Host and GPU cadence (cheap reads of the kernel and the driver).
     interval_s: float = Field(default=0.5, ge=0.01)
+    #: Server cadence: every scrape costs the server a /metrics render and the sampler a
+    #: parse (a vLLM page: ~600 lines, ~16 ms of Python), so less often than the host's.
+    server_interval_s: float = Field(default=2.0, ge=0.01)
     gpu: bool = True
     #: Scrape each openai/tgi endpoint's /metrics and each Ollama endpoint's /api/ps.
     servers: bool = True
+    #: Sample in a process of their own (lower priority), never on the bench's GIL; false:
+    #: on a thread of the bench process.
+    process: bool = True
 
 
-def _default_schedules() -> list[ConcurrencySpec | RateSpec | SweepSpec]:
+class CostSpec(_Spec):
+    """The price basis of ``cost_per_1m_*``: a price per GPU-hour, the GPUs serving."""
+
+    gpu_hour_price: float | None = Field(default=None, ge=0)
+    #: GPUs behind the pool; default: the GPUs NVML sees on this host, else 1 (said so).
+    gpus: int | None = Field(default=None, ge=1)
+    currency: str = Field(default="USD", min_length=1, max_length=8)
+
+
+def _default_schedules() -> list[ConcurrencySpec | RateSpec | SweepSpec | ContextSweepSpec]:
     return [ConcurrencySpec(levels=[1, 4, 16])]
 
 
@@ -135,12 +174,21 @@ class Scenario(_Spec):
     out: str | None = None
     simulate: bool = False
     html: bool = True
+    #: Also write ``report.pdf`` (matplotlib's PDF backend).
+    pdf: bool = False
+    #: The client's HTTP driver: aiohttp when installed ("auto"), else httpx (see
+    #: ``shared_ollama.aiohttp_client``: about twice the streams per second on one core).
+    http: Literal["auto", "httpx", "aiohttp"] = "auto"
+    #: Synthetic prompt lengths in server tokens: "auto" measures each server once and
+    #: keeps it on disk, "refresh" measures again, "off" counts words (``bench.calibrate``).
+    calibrate: Literal["auto", "refresh", "off"] = "auto"
     pool: PoolConfig = Field(default_factory=PoolConfig)
     workloads: list[Workload] = Field(default_factory=lambda: [Workload()], min_length=1)
     schedules: list[ScheduleSpec] = Field(default_factory=_default_schedules, min_length=1)
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
     slo: SloSpec = Field(default_factory=SloSpec)
     samplers: SamplerSpec = Field(default_factory=SamplerSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
@@ -151,6 +199,9 @@ class Scenario(_Spec):
             raise ValueError("no endpoints: give --endpoint URL, [pool] endpoints, or --simulate")
         if not self.simulate and not self.model and any(not w.model for w in self.workloads):
             raise ValueError("no model: give --model, model = ..., or a model per workload")
+        context = any(isinstance(x, ContextSweepSpec) for x in self.schedules)
+        if context and all(w.prompts_file for w in self.workloads):
+            raise ValueError("a context sweep sizes synthetic prompts: no workload has them")
         return self
 
 
@@ -190,10 +241,14 @@ def load_scenario(path: str | Path) -> Scenario:
     return validate_scenario(read_scenario_file(path), str(path))
 
 
-def dedupe_names(items: list[PhasePlan | SweepSpec]) -> list[PhasePlan | SweepSpec]:
+#: A phase, or a schedule whose phases are planned while it runs.
+RunItem: TypeAlias = PhasePlan | SweepSpec | ContextSweepSpec
+
+
+def dedupe_names(items: list[RunItem]) -> list[RunItem]:
     """Suffix repeated phase names (``c=4``, ``c=4#2``) so each phase is told apart."""
     seen: dict[str, int] = {}
-    out: list[PhasePlan | SweepSpec] = []
+    out: list[RunItem] = []
     for p in items:
         if isinstance(p, PhasePlan):
             n = seen[p.name] = seen.get(p.name, 0) + 1

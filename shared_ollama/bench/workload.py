@@ -2,27 +2,33 @@
 
 Length distributions, synthetic prompts of a target length, JSONL prompt files and weighted
 mixes; everything is drawn from one seeded ``random.Random`` so a run is reproducible.
+Synthetic prompt lengths are server-counted tokens once a ``PromptSizer`` (measured by
+``bench.calibrate``) is given to the mix; without one they are words.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "WORDS",
+    "Drawn",
     "LengthDist",
     "PromptItem",
+    "PromptSizer",
     "RequestSpec",
     "Workload",
     "WorkloadMix",
     "load_prompts",
     "parse_length",
+    "request_spec",
     "synthetic_prompt",
 ]
 
@@ -209,6 +215,8 @@ _WORDS = (
     "went",
     "light",
 )
+#: The synthetic prompts' vocabulary (calibration measures each word's tokens).
+WORDS: tuple[str, ...] = _WORDS
 
 
 class LengthDist(BaseModel):
@@ -285,6 +293,55 @@ def synthetic_prompt(n_words: int, rng: random.Random) -> str:
     return " ".join(rng.choices(_WORDS, k=max(1, n_words)))
 
 
+@dataclass(frozen=True)
+class PromptSizer:
+    """Sizes synthetic prompts in one server's tokens, for one request shape.
+
+    ``heads``: the server's prompt count for a one-word prompt sent the workload's way
+    (chat template, special tokens and that first word), for each word a prompt may start
+    with. ``costs``: the tokens each vocabulary word adds after a space. A prompt's count is
+    its head plus the costs of the words after it (``bench.calibrate`` checks this holds).
+    """
+
+    heads: Mapping[str, int]
+    costs: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        if not self.heads or not self.costs:
+            raise ValueError("a PromptSizer needs heads and costs")
+        if min(self.costs.values()) < 1:
+            raise ValueError("every word costs at least one token")
+
+    @property
+    def shortest(self) -> int:
+        """The fewest tokens a prompt can have (a one-word prompt)."""
+        return min(self.heads.values())
+
+    def prompt(self, target: int, rng: random.Random) -> tuple[str, int]:
+        """A random prompt the server counts as ``target`` tokens, and the count predicted
+        (above ``target`` only when even one word is more; below it only when no word is
+        small enough to fill the last tokens)."""
+        firsts = sorted(w for w, n in self.heads.items() if n <= target) or [
+            min(self.heads, key=lambda w: (self.heads[w], w))
+        ]
+        first = rng.choice(firsts)
+        words, count = [first], self.heads[first]
+        vocab = [w for w in _WORDS if w in self.costs] or sorted(self.costs)
+        largest = max(self.costs.values())
+        while target - count > largest:  # any word fits: draw freely
+            word = rng.choice(vocab)
+            words.append(word)
+            count += self.costs[word]
+        while count < target:  # the last few tokens: only words that fit
+            fits = [w for w in vocab if self.costs[w] <= target - count]
+            if not fits:
+                break
+            word = rng.choice(fits)
+            words.append(word)
+            count += self.costs[word]
+        return " ".join(words), count
+
+
 @dataclass(frozen=True, slots=True)
 class PromptItem:
     """One line of a prompt file: a prompt or a message list, with an optional length."""
@@ -343,7 +400,8 @@ class Workload(BaseModel):
     operation: Literal["chat", "generate"] = "chat"
     #: Logical model name; the scenario's ``model`` when not set.
     model: str | None = None
-    #: Synthetic prompts: their length in words (one token each for common words).
+    #: Synthetic prompts: their length in the server's own tokens (calibrated, see
+    #: ``bench.calibrate``), or in words when calibration is off or impossible.
     prompt_tokens: LengthDist = Field(default_factory=lambda: LengthDist(mean=128))
     #: Completion length, sent as ``num_predict``.
     max_tokens: LengthDist = Field(default_factory=lambda: LengthDist(mean=128))
@@ -375,10 +433,55 @@ class RequestSpec:
     #: generate only (chat puts it in ``messages``).
     system: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: Synthetic prompts: the length asked for, and the server count the calibration
+    #: predicts for this prompt (None: not calibrated).
+    prompt_tokens: int | None = None
+    expected_prompt_tokens: int | None = None
 
     def call_options(self) -> dict[str, Any]:
         """The ``options`` argument: the workload's plus ``num_predict``."""
         return {**self.options, "num_predict": self.max_tokens}
+
+
+@dataclass(frozen=True, slots=True)
+class Drawn:
+    """What the mix drew for one request, in draw order (the runner's send order)."""
+
+    workload: str
+    prompt_tokens: int | None
+    expected_prompt_tokens: int | None
+
+
+def request_spec(
+    w: Workload,
+    model: str,
+    *,
+    prompt: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    max_tokens: int,
+    options: Mapping[str, Any] | None = None,
+) -> RequestSpec:
+    """The request ``w`` sends for this prompt (or message list): chat gets a message list
+    with the workload's system message first, generate a prompt and ``system``."""
+    if w.operation == "chat":
+        messages = messages or [{"role": "user", "content": prompt or ""}]
+        if w.system:
+            messages = [{"role": "system", "content": w.system}, *messages]
+        prompt = None
+    elif prompt is None:  # a message list used for generate: join the contents
+        prompt = "\n".join(str(m.get("content", "")) for m in messages or ())
+        messages = None
+    return RequestSpec(
+        workload=w.name,
+        operation=w.operation,
+        model=w.model or model,
+        max_tokens=max_tokens,
+        stream=w.stream,
+        prompt=prompt,
+        messages=messages,
+        system=w.system if w.operation == "generate" else None,
+        options=dict(options if options is not None else w.options),
+    )
 
 
 class WorkloadMix:
@@ -395,6 +498,28 @@ class WorkloadMix:
         self._rng = random.Random(seed)
         self._weights = [w.weight for w in workloads]
         self._prompts = {w.name: load_prompts(w.prompts_file) for w in workloads if w.prompts_file}
+        self._sizers: dict[str, PromptSizer] = {}
+        self._forced: int | None = None
+        self._forced_options: dict[str, Any] = {}
+        #: One entry per ``next()``, in order: the target and predicted prompt lengths.
+        self.drawn: list[Drawn] = []
+
+    @property
+    def model(self) -> str:
+        """The default model (workloads may name their own)."""
+        return self._model
+
+    def use_sizers(self, sizers: Mapping[str, PromptSizer]) -> None:
+        """Size the named workloads' synthetic prompts in server tokens from now on."""
+        self._sizers = dict(sizers)
+
+    def force_prompt_tokens(
+        self, tokens: int | None, options: Mapping[str, Any] | None = None
+    ) -> None:
+        """Every synthetic prompt ``tokens`` long (None: the workloads' own lengths again),
+        with ``options`` added to each request's (a context sweep's ``num_ctx``)."""
+        self._forced = tokens
+        self._forced_options = dict(options or {})
 
     def next(self) -> RequestSpec:
         """The next request of the mix."""
@@ -402,28 +527,24 @@ class WorkloadMix:
         max_tokens = w.max_tokens.sample(self._rng)
         prompt: str | None = None
         messages: list[dict[str, Any]] | None = None
+        target = expected = None
+        options = dict(w.options)
         if w.name in self._prompts:
             item = self._rng.choice(self._prompts[w.name])
             prompt, messages = item.prompt, item.messages
             max_tokens = item.max_tokens or max_tokens
         else:
-            prompt = synthetic_prompt(w.prompt_tokens.sample(self._rng), self._rng)
-        if w.operation == "chat":
-            messages = messages or [{"role": "user", "content": prompt or ""}]
-            if w.system:
-                messages = [{"role": "system", "content": w.system}, *messages]
-            prompt = None
-        elif prompt is None:  # a message list used for generate: join the contents
-            prompt = "\n".join(str(m.get("content", "")) for m in messages or ())
-            messages = None
-        return RequestSpec(
-            workload=w.name,
-            operation=w.operation,
-            model=w.model or self._model,
-            max_tokens=max_tokens,
-            stream=w.stream,
-            prompt=prompt,
-            messages=messages,
-            system=w.system if w.operation == "generate" else None,
-            options=dict(w.options),
+            target = w.prompt_tokens.sample(self._rng)
+            if self._forced is not None:
+                target = self._forced
+                options |= self._forced_options
+            sizer = self._sizers.get(w.name)
+            if sizer is not None:
+                prompt, expected = sizer.prompt(target, self._rng)
+            else:
+                prompt = synthetic_prompt(target, self._rng)
+        self.drawn.append(Drawn(w.name, target, expected))
+        spec = request_spec(
+            w, self._model, prompt=prompt, messages=messages, max_tokens=max_tokens, options=options
         )
+        return replace(spec, prompt_tokens=target, expected_prompt_tokens=expected)

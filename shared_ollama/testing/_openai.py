@@ -28,7 +28,7 @@ from ._http import (
     stop_strings,
 )
 from ._runtime import Overloaded, Runtime
-from ._tokens import Plan, Token, chat_prompt, count_words, embedding
+from ._tokens import Plan, Token, chat_prompt, count_words, embedding, prompt_ids
 
 __all__ = ["build"]
 
@@ -107,6 +107,7 @@ class OpenAIApi:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
         ]
 
     # -- request parsing -----------------------------------------------------------------------
@@ -309,6 +310,26 @@ class OpenAIApi:
                 "usage": _usage(words, 0),
             },
         )
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's ``/tokenize``: a ``prompt`` (``add_special_tokens``, default true: no
+        special tokens here) or ``messages`` counted as the chat route counts them."""
+        ctx = ctx_of(request)
+        body = self._body(ctx)
+        self._model(body)
+        messages, prompt = body.get("messages"), body.get("prompt")
+        if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+            text, count = chat_prompt(messages)
+        elif isinstance(prompt, str):
+            text, count = prompt, count_words(prompt)
+        else:
+            raise ApiError(400, "prompt: Field required (or messages)")
+        tokens = prompt_ids(text)
+        tokens += [0] * (count - len(tokens))  # the chat template's tokens: no text of their own
+        reply: dict[str, Any] = {"count": count, "max_model_len": MAX_MODEL_LEN, "tokens": tokens}
+        if body.get("return_token_strs"):
+            reply["token_strs"] = text.split() + [""] * (count - len(text.split()))
+        return JSONReply(ctx, reply)
 
     # -- server info ---------------------------------------------------------------------------
 

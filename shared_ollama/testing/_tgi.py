@@ -169,6 +169,7 @@ class TgiApi:
             Route("/generate", self.generate, methods=["POST"]),
             Route("/generate_stream", self.generate_stream, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
         ]
 
     @staticmethod
@@ -337,6 +338,23 @@ class TgiApi:
         return StreamReply(
             ctx, SSE, produce, headers_first=True, garbage=b"data:{malformed\n\n", headers=headers
         )
+
+    async def tokenize(self, request: Request) -> Response:
+        """TGI's ``/tokenize``: a generate body in, one ``{id, text, start, stop}`` a token
+        out (character offsets into ``inputs``)."""
+        ctx = ctx_of(request)
+        inputs = self._body(ctx).get("inputs")
+        if not isinstance(inputs, str):
+            raise _rejection(
+                "Failed to deserialize the JSON body into the target type: missing field `inputs`"
+            )
+        tokens: list[dict[str, Any]] = []
+        end = 0
+        for token_id, word in zip(prompt_ids(inputs), inputs.split(), strict=True):
+            start = inputs.index(word, end)
+            end = start + len(word)
+            tokens.append({"id": token_id, "text": word, "start": start, "stop": end})
+        return JSONReply(ctx, tokens)
 
     # -- server info ---------------------------------------------------------------------------
 

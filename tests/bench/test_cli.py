@@ -20,7 +20,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    assert "{run,compare,report}" in capsys.readouterr().out
+    assert "{run,capacity,compare,report,selftest}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = capsys.readouterr().out

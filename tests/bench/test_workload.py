@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 
 from shared_ollama.bench.workload import (
+    WORDS,
     LengthDist,
+    PromptSizer,
     Workload,
     WorkloadMix,
     load_prompts,
     parse_length,
+    request_spec,
     synthetic_prompt,
 )
 
@@ -118,3 +121,60 @@ def test_prompt_file_errors_name_the_line(tmp_path: Path, line: str, message: st
 def test_mix_needs_a_model() -> None:
     with pytest.raises(ValueError, match="no model"):
         WorkloadMix([Workload()], None, 0)
+
+
+def test_sized_mix_draws_token_targets_and_logs_each_draw(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "from a file"}\n', encoding="utf-8")
+    workloads = [
+        Workload(name="a", prompt_tokens="uniform:20:40", system="sys"),
+        Workload(name="f", prompts_file=str(path)),
+    ]
+    costs = {w: 1 + i % 3 for i, w in enumerate(WORDS)}
+    sizer = PromptSizer({"the": 6, "of": 6}, costs)
+    mix = WorkloadMix(workloads, "m", 0)
+    mix.use_sizers({"a": sizer})
+    specs = [mix.next() for _ in range(200)]
+    assert [(d.workload, d.prompt_tokens) for d in mix.drawn] == [
+        (s.workload, s.prompt_tokens) for s in specs
+    ]
+    for s in specs:
+        if s.workload == "f":  # a prompt file: no target, nothing predicted
+            assert s.prompt_tokens is None and s.expected_prompt_tokens is None
+            continue
+        assert s.messages is not None and s.messages[0]["role"] == "system"
+        words = s.messages[1]["content"].split()
+        predicted = sizer.heads[words[0]] + sum(costs[w] for w in words[1:])
+        assert s.prompt_tokens is not None and 20 <= s.prompt_tokens <= 40
+        assert s.expected_prompt_tokens == predicted == s.prompt_tokens
+
+
+def test_forced_prompt_length_and_options_then_back() -> None:
+    mix = WorkloadMix([Workload(prompt_tokens=16, options={"temperature": 0})], "m", 0)
+    mix.force_prompt_tokens(300, {"num_ctx": 400})
+    spec = mix.next()
+    assert spec.prompt_tokens == 300 and spec.expected_prompt_tokens is None  # no sizer: words
+    assert spec.messages is not None and len(spec.messages[0]["content"].split()) == 300
+    assert spec.call_options() == {"temperature": 0, "num_ctx": 400, "num_predict": 128}
+    mix.force_prompt_tokens(None)
+    spec = mix.next()
+    assert spec.prompt_tokens == 16 and spec.options == {"temperature": 0}
+
+
+def test_request_spec_is_what_the_mix_sends() -> None:
+    w = Workload(operation="generate", system="sys", options={"seed": 1})
+    spec = request_spec(w, "m", prompt="a b c", max_tokens=1)
+    assert (spec.prompt, spec.system, spec.messages, spec.model) == ("a b c", "sys", None, "m")
+    assert spec.call_options() == {"seed": 1, "num_predict": 1}
+    chat = request_spec(Workload(system="sys"), "m", prompt="x", max_tokens=1)
+    assert chat.messages == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "x"},
+    ]
+
+
+def test_prompt_sizer_refuses_empty_or_free_words() -> None:
+    with pytest.raises(ValueError):
+        PromptSizer({}, {"the": 1})
+    with pytest.raises(ValueError):
+        PromptSizer({"the": 1}, {"the": 0})
