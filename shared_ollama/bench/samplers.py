@@ -1,22 +1,31 @@
 """Background samplers for the bench: GPUs (NVML), the host (psutil), servers' Prometheus
-``/metrics`` and Ollama ``/api/ps``, read on one thread and stamped with the bench's clock.
+``/metrics`` and Ollama ``/api/ps``, each at its own cadence, stamped with the bench's clock.
 
 A reading is a flat ``{metric: value}`` dict whose keys carry their unit (``gpu0.power_w``,
 ``host.mem_used_bytes``). ``SamplerSet`` turns readings into ``SampleSeries`` (aligned
-columns, ``None`` where a reading lacked the metric); ``summarize``, ``energy_joules`` and
-``tokens_per_joule`` derive figures from a series afterwards. A sampler that cannot run is
-recorded as ``"unavailable: <why>"``; nothing here stops a bench run.
+columns, ``None`` where a reading lacked the metric), on a thread of this process or, with
+``process=True``, in a separate process (``sampler_process``) so that scraping and parsing
+never hold the bench's GIL. ``summarize``, ``energy_joules`` and ``tokens_per_joule`` derive
+figures from a series afterwards. A sampler that cannot run is recorded as
+``"unavailable: <why>"``; nothing here stops a bench run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import pairwise
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -62,7 +71,8 @@ class SamplerUnavailable(Exception):
 
 
 class Sampler(Protocol):
-    """One source of readings, driven by ``SamplerSet`` from a single thread."""
+    """One source of readings, driven by ``SamplerSet`` from a single thread. A sampler may
+    also have an ``interval_s`` attribute: its own cadence (``None``: the set's)."""
 
     name: str
 
@@ -143,8 +153,15 @@ class NVMLSampler:
     ``.mem_used_bytes``, ``.power_w``, ``.energy_j``, ``.temp_c``, ``.sm_clock_mhz`` and
     ``.throttle_reasons`` (a bitmask). A metric a GPU does not support is absent."""
 
-    def __init__(self, indices: Sequence[int] | None = None, *, name: str = "nvml") -> None:
+    def __init__(
+        self,
+        indices: Sequence[int] | None = None,
+        *,
+        name: str = "nvml",
+        interval_s: float | None = None,
+    ) -> None:
         self.name = name
+        self.interval_s = interval_s
         self._indices = None if indices is None else tuple(indices)
         self._handles: list[tuple[int, pynvml.c_nvmlDevice_t]] = []
         self._readers: tuple[tuple[str, _NVMLReader], ...] = ()
@@ -250,12 +267,17 @@ def _cpu_busy_total(fields: Mapping[str, float]) -> tuple[float, float]:
 
 
 class HostSampler:
-    """This machine and this process: ``host.cpu_pct`` (all cores, 0-100),
+    """This machine and one process: ``host.cpu_pct`` (all cores, 0-100),
     ``host.mem_used_bytes``, ``host.proc_rss_bytes``, ``host.proc_cpu_pct`` (100 = one
-    core busy)."""
+    core busy). The process is ``pid``, by default the one that created the sampler, so a
+    sampler sent to a sampler process still measures the bench."""
 
-    def __init__(self, *, name: str = "host") -> None:
+    def __init__(
+        self, *, name: str = "host", pid: int | None = None, interval_s: float | None = None
+    ) -> None:
         self.name = name
+        self.pid = os.getpid() if pid is None else pid
+        self.interval_s = interval_s
         self._process: psutil.Process | None = None
         self._last_cpu = (0.0, 0.0)
         self._last_proc = (0.0, 0.0)
@@ -268,7 +290,10 @@ class HostSampler:
             raise SamplerUnavailable(
                 f"psutil is not installed (pip install 'shared-ollama[bench]'): {exc}"
             ) from exc
-        self._process = psutil.Process()
+        try:
+            self._process = psutil.Process(self.pid)
+        except psutil.Error as exc:
+            raise SamplerUnavailable(f"process {self.pid}: {exc}") from exc
         # CPU use is a rate: remember where the counters stand so the first reading covers
         # the time since open. Kept here, not in psutil's per-thread state, because readings
         # come from the caller's thread and from the sampling thread alike.
@@ -364,7 +389,9 @@ class PrometheusSampler:
         timeout_s: float = 2.0,
         *,
         headers: Mapping[str, str] | None = None,
+        interval_s: float | None = None,
     ) -> None:
+        self.interval_s = interval_s
         base = url.rstrip("/")
         # An OpenAI-style base URL (".../v1") is common in configs; metrics live at the root.
         base = base.removesuffix("/v1")
@@ -406,7 +433,9 @@ class OllamaPsSampler:
         timeout_s: float = 2.0,
         *,
         headers: Mapping[str, str] | None = None,
+        interval_s: float | None = None,
     ) -> None:
+        self.interval_s = interval_s
         self.url = url.rstrip("/")
         self.name = name if name is not None else f"ollama-ps@{_netloc(self.url)}"
         self.timeout_s = timeout_s
@@ -463,6 +492,8 @@ class SampleSeries(BaseModel):
     """How many readings raised (they are not in ``times_ns``)."""
     last_error: str | None = None
     """The last of those errors, ``"Type: message"``."""
+    interval_s: float | None = None
+    """The cadence it was read at, in seconds (phase boundaries add readings)."""
 
     @model_validator(mode="after")
     def _aligned(self) -> SampleSeries:
@@ -484,10 +515,14 @@ def _finite(value: float) -> float | None:
 
 
 class _Recorder:
-    """One sampler's state inside a SamplerSet: opened or why not, columns, errors, backoff."""
+    """One sampler's state inside a SamplerSet: opened or why not, cadence, columns, errors,
+    backoff."""
 
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Sampler, interval_s: float) -> None:
         self.sampler = sampler
+        self.interval_s = interval_s
+        self.interval_ns = round(interval_s * 1e9)
+        self.due_ns = 0
         self.is_open = False
         self.reason: str | None = None
         self.times: list[int] = []
@@ -495,7 +530,9 @@ class _Recorder:
         self.errors = 0
         self.last_error: str | None = None
         self._failures_in_a_row = 0
-        self._next_tick = 0
+        # Turns: readings that were due or asked for (phase marks), skipped ones included.
+        self._turn = 0
+        self._next_turn = 0
 
     def open(self) -> None:
         try:
@@ -507,8 +544,11 @@ class _Recorder:
         else:
             self.is_open = True
 
-    def read(self, clock: Callable[[], int], tick: int) -> None:
-        if not self.is_open or tick < self._next_tick:
+    def read(self, clock: Callable[[], int]) -> None:
+        if not self.is_open:
+            return
+        turn, self._turn = self._turn, self._turn + 1
+        if turn < self._next_turn:
             return
         before = clock()
         try:
@@ -520,10 +560,10 @@ class _Recorder:
             self.errors += 1
             self.last_error = _describe(exc)
             self._failures_in_a_row += 1
-            # Back off: one thread serves every sampler, and an unreachable URL can block
-            # for its whole timeout on each try, delaying the GPU readings behind it.
+            # Back off: an unreachable URL can block for its whole timeout on each try,
+            # delaying the readings of the other samplers behind it.
             backoff = min(2 ** (self._failures_in_a_row - 1), _MAX_BACKOFF_TICKS)
-            self._next_tick = tick + backoff
+            self._next_turn = turn + backoff
             return
         self._failures_in_a_row = 0
         self._append(t_ns, row)
@@ -562,33 +602,71 @@ class _Recorder:
             values=self.values,
             errors=self.errors,
             last_error=self.last_error,
+            interval_s=self.interval_s,
         )
 
 
+def _own_interval(sampler: Sampler, default_s: float) -> float:
+    own = getattr(sampler, "interval_s", None)
+    interval = default_s if own is None else float(own)
+    if not interval > 0:
+        raise ValueError(f"{sampler.name}: interval_s must be positive, got {interval!r}")
+    return interval
+
+
 class SamplerSet:
-    """Runs samplers on one background thread every ``interval_s``, stamping readings with
-    ``clock`` (the bench's ``time.monotonic_ns``). ``start()``, then ``stop()`` for the
-    series; or ``with SamplerSet(...) as samplers:`` and ``samplers.results`` afterwards."""
+    """Runs samplers in the background, each every ``interval_s`` or its own ``interval_s``,
+    stamping readings with ``clock`` (the bench's ``time.monotonic_ns``). ``start()``, then
+    ``stop()`` for the series; or ``with SamplerSet(...) as samplers:`` and
+    ``samplers.results`` afterwards.
+
+    ``process=True`` runs them in a separate process (same clock, ``time.monotonic_ns``):
+    scraping and parsing a server's ``/metrics`` then never holds this process's GIL, and the
+    bench's threads spend nothing on sampling between ``start``, ``sample_now`` and ``stop``.
+    Samplers must then be picklable; where the process cannot start, a thread runs them and
+    ``fallback`` says why."""
 
     def __init__(
         self,
         samplers: Iterable[Sampler],
         interval_s: float = 0.5,
         clock: Callable[[], int] = time.monotonic_ns,
+        *,
+        process: bool = False,
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be positive, got {interval_s!r}")
+        if process and clock is not time.monotonic_ns:
+            raise ValueError("a sampler process stamps with time.monotonic_ns: no custom clock")
         self.interval_s = interval_s
-        self._recorders = [_Recorder(sampler) for sampler in samplers]
+        self._samplers = list(samplers)
+        self._recorders = [_Recorder(s, _own_interval(s, interval_s)) for s in self._samplers]
         self._clock = clock
-        self._interval_ns = round(interval_s * 1e9)
         self._halt = threading.Event()
         # sample_now() may run in the caller's thread while the sampling thread reads.
         self._lock = threading.Lock()
-        self._tick = 0
         self._thread: threading.Thread | None = None
         self._state: Literal["new", "running", "stopped"] = "new"
         self._results: list[SampleSeries] = []
+        self._process = process
+        self._child: _Child | None = None
+        #: Where the samplers run: ``"process"`` (a sampler process) or ``"thread"``.
+        self.mode: Literal["thread", "process"] = "process" if process else "thread"
+        #: Why a thread ran them although a process was asked (None otherwise).
+        self.fallback: str | None = None
+        #: CPU seconds the sampler process spent sampling (``process`` mode, after ``stop``;
+        #: its start, an interpreter importing the library, is not counted).
+        self.process_cpu_s: float | None = None
+
+    @property
+    def process_pid(self) -> int | None:
+        """The sampler process's id while it runs (``process`` mode)."""
+        return None if self._child is None else self._child.pid
+
+    @property
+    def intervals(self) -> dict[str, float]:
+        """Sampler name -> its cadence in seconds."""
+        return {r.sampler.name: r.interval_s for r in self._recorders}
 
     def start(self) -> None:
         """Open every sampler (one that cannot is recorded as ``unavailable: why``), take the
@@ -596,6 +674,15 @@ class SamplerSet:
         in the background."""
         if self._state != "new":
             raise RuntimeError("a SamplerSet can be started once")
+        if self._process and self._samplers:
+            child = _Child(self._samplers, self.interval_s)
+            try:
+                child.start()
+            except _ChildFailed as exc:
+                self.mode, self.fallback = "thread", exc.reason
+            else:
+                self._child, self._state = child, "running"
+                return
         for recorder in self._recorders:
             recorder.open()
         self._state = "running"
@@ -609,26 +696,44 @@ class SamplerSet:
     def sample_now(self) -> None:
         """Take one reading of every open sampler now, e.g. at a phase boundary of a run so
         that ``energy_joules`` has readings at both ends of the phase."""
+        if self._child is not None:
+            if self._state == "running":
+                self._child.mark()
+            return
         with self._lock:
             if self._state != "running":
                 return
             for recorder in self._recorders:
-                recorder.read(self._clock, self._tick)
-            self._tick += 1
+                recorder.read(self._clock)
+
+    def _read_due(self) -> None:
+        with self._lock:
+            if self._state != "running":
+                return
+            for recorder in self._recorders:
+                if recorder.is_open and recorder.due_ns <= self._clock():
+                    recorder.read(self._clock)
+                    # A slow reading pushes the schedule back instead of firing a burst.
+                    recorder.due_ns = max(recorder.due_ns + recorder.interval_ns, self._clock())
 
     def _run(self) -> None:
-        due_ns = self._clock()
+        active = [r for r in self._recorders if r.is_open]
+        now_ns = self._clock()
+        for recorder in active:
+            recorder.due_ns = now_ns + recorder.interval_ns
         while True:
-            now_ns = self._clock()
-            # A slow round pushes the schedule back instead of firing a burst to catch up.
-            due_ns = max(due_ns + self._interval_ns, now_ns)
-            if self._halt.wait(min(due_ns - now_ns, self._interval_ns) / 1e9):
+            wait_ns = min(r.due_ns for r in active) - self._clock()
+            if self._halt.wait(max(0, wait_ns) / 1e9):
                 return
-            self.sample_now()
+            self._read_due()
 
     def stop(self) -> list[SampleSeries]:
         """Stop the thread (it wakes at once) and join it, take a closing reading, close the
         samplers and return one series per sampler, in the order given. Idempotent."""
+        if self._state == "running" and self._child is not None:
+            self._state = "stopped"
+            self._results = self._child.stop()
+            self.process_cpu_s = self._child.cpu_s
         if self._state == "running":
             self._halt.set()
             if self._thread is not None:
@@ -659,6 +764,178 @@ class SamplerSet:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# -- the bench's end of a sampler process ------------------------------------------------------
+
+# A fresh interpreter imports the library (~0.5 s on a small VM) before its first reading.
+_START_TIMEOUT_S = 60.0
+# A mark or the closing readings wait behind a reading in progress (a scrape's timeout).
+_REPLY_TIMEOUT_S = 30.0
+
+
+class _ChildFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Child:
+    """Starts ``sampler_process``, sends it the samplers, asks for marks and the series."""
+
+    def __init__(self, samplers: Sequence[Sampler], interval_s: float) -> None:
+        self._samplers = samplers
+        self._interval_s = interval_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self._replies: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._asked = 0
+        self._offset_ns = 0
+        self.pid: int | None = None
+        self._started_cpu_s = 0.0
+        #: CPU seconds the process spent from its first reading to its last (not its start).
+        self.cpu_s: float | None = None
+
+    def start(self) -> None:
+        from . import sampler_process
+
+        try:
+            payload = pickle.dumps((self._samplers, self._interval_s))
+        except Exception as exc:  # pickling runs user code: any error means "not sendable"
+            raise _ChildFailed(f"samplers cannot be sent to a process: {_describe(exc)}") from exc
+        # Kept open while the process lives (its last line explains a failure).
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                sampler_process.command(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                **sampler_process.popen_options(),
+            )
+        except (OSError, ValueError) as exc:
+            self._stderr.close()
+            raise _ChildFailed(f"sampler process: {_describe(exc)}") from exc
+        self._reader = threading.Thread(
+            target=self._read_replies, name="shared-ollama-sampler-replies", daemon=True
+        )
+        self._reader.start()
+        try:
+            self._send(("start", list(sys.path), payload))
+            self.pid, self._started_cpu_s = self._await("ready", None, _START_TIMEOUT_S)
+            before = time.monotonic_ns()
+            child_now = int(self._ask("clock"))
+            after = time.monotonic_ns()
+        except _ChildFailed:
+            self._end(kill=True)
+            raise
+        # Same clock on every platform Python supports; should it ever differ, move the
+        # child's stamps onto ours (to within half a round trip).
+        if not before <= child_now <= after:
+            self._offset_ns = child_now - (before + after) // 2
+
+    def mark(self) -> None:
+        """A reading of every sampler now (best effort: a dead process is left to ``stop``)."""
+        with contextlib.suppress(_ChildFailed):
+            self._ask("mark")
+
+    def stop(self) -> list[SampleSeries]:
+        """The series, closing the process; unavailable series if it failed."""
+        try:
+            dumped, cpu_s = self._ask("stop")
+            series = [SampleSeries.model_validate(d) for d in dumped]
+            self.cpu_s = max(0.0, cpu_s - self._started_cpu_s)
+        except _ChildFailed as exc:
+            self._end(kill=True)
+            return [self._lost(s, exc.reason) for s in self._samplers]
+        self._end(kill=False)
+        if self._offset_ns:
+            for one in series:
+                one.times_ns = [t - self._offset_ns for t in one.times_ns]
+        return series
+
+    def _lost(self, sampler: Sampler, reason: str) -> SampleSeries:
+        interval = _own_interval(sampler, self._interval_s)
+        return SampleSeries(
+            name=sampler.name, available=False, reason=f"unavailable: {reason}", interval_s=interval
+        )
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        from .sampler_process import write_frame
+
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            write_frame(self._proc.stdin, message)
+        except (OSError, ValueError) as exc:
+            try:  # a closed pipe almost always means the process is gone: say how
+                self._proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                raise _ChildFailed(self._died(f"cannot write to it ({_describe(exc)})")) from exc
+            raise _ChildFailed(self._died("it exited")) from exc
+
+    def _ask(self, what: str) -> Any:
+        self._asked += 1
+        self._send((what, self._asked))
+        return self._await("done", self._asked, _REPLY_TIMEOUT_S)
+
+    def _await(self, kind: str, ident: int | None, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise _ChildFailed(f"sampler process: no answer in {timeout_s:g} s") from None
+            if reply is None:
+                self._replies.put(None)  # the end stays in view for later requests
+                raise _ChildFailed(self._died("it exited"))
+            if reply[0] == "error":
+                raise _ChildFailed(f"sampler process: {reply[1]}")
+            if reply[0] == kind and (ident is None or reply[1] == ident):
+                return reply[-1] if kind == "done" else reply[1:]
+            # Anything else answers an earlier request that timed out: drop it.
+
+    def _read_replies(self) -> None:
+        from .sampler_process import read_frame
+
+        assert self._proc is not None and self._proc.stdout is not None
+        try:
+            while (message := read_frame(self._proc.stdout)) is not None:
+                self._replies.put(message)
+        except Exception:  # a torn frame means the process is gone: say so below
+            pass
+        self._replies.put(None)
+
+    def _died(self, what: str) -> str:
+        code = None if self._proc is None else self._proc.poll()
+        if code is not None:
+            what += f" (signal {-code})" if code < 0 else f" (exit code {code})"
+        tail = ""
+        if self._stderr is not None:
+            self._stderr.seek(0)
+            lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+            tail = f": {lines[-1]}" if lines else ""
+        return f"sampler process: {what}{tail}"
+
+    def _end(self, *, kill: bool) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if kill:
+            proc.kill()
+        with contextlib.suppress(OSError, ValueError):
+            assert proc.stdin is not None
+            proc.stdin.close()  # end of input: a process still reading stops and exits
+        try:
+            proc.wait(timeout=_REPLY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if self._reader is not None:
+            self._reader.join()  # it ends at the end of the process's output
+        if proc.stdout is not None:
+            proc.stdout.close()
+        self._stderr.close()
 
 
 # -- derived figures -------------------------------------------------------------------------

@@ -89,12 +89,12 @@ def test_report_is_self_contained_and_complete() -> None:
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)  # nothing fetched
     assert "@import" not in html and "url(http" not in html
     for title in (
-        "Latency CDFs",
+        "Latency distributions",
         "Throughput and latency vs concurrency",
         "Per-endpoint comparison",
         "Requests in flight",
-        "GPU0 over time",
-        "Host CPU over time",
+        "GPU 0 over time",
+        "Host and bench process CPU over time",
     ):
         assert title in html, title
     assert html.count("data:image/svg+xml;base64,") == 6
