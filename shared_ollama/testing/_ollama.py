@@ -184,9 +184,20 @@ class OllamaApi:
             await self.rt.generate(ticket, ctx.times, model, plan, prompt_tokens, _discard)
             return JSONReply(ctx, final(plan.text))
 
+        per_chunk = self.rt.timing.tokens_per_chunk
+
         async def produce(out: Emitter) -> None:
+            pending: list[str] = []
+
+            # tokens_per_chunk tokens a line, sent when its last token is produced: Ollama's
+            # lines say nothing of how many tokens each carries (only the final eval_count).
             async def emit(index: int, token: Token, last: bool) -> None:
-                chunk = {"model": name, "created_at": _now(), **piece(token.text), "done": False}
+                pending.append(token.text)
+                if len(pending) < per_chunk and not last:
+                    return
+                text = "".join(pending)
+                pending.clear()
+                chunk = {"model": name, "created_at": _now(), **piece(text), "done": False}
                 await out.emit(_line(chunk))
 
             await self.rt.generate(ticket, ctx.times, model, plan, prompt_tokens, emit)

@@ -29,8 +29,8 @@ class TimingModel:
     Sleeps aim at absolute deadlines, so scheduler jitter does not accumulate: with no queue,
     no load and no other generation, token ``k`` (1-based) leaves at
     ``ttft_base_s + ttft_per_prompt_token_s * P + (k - 1) * itl_s`` after arrival, and the
-    response ends with the last token. The openai kind packs ``tokens_per_chunk`` tokens into
-    one SSE chunk, sent when its last token is produced (ollama and tgi: one token a chunk).
+    response ends with the last token. The openai and ollama kinds pack ``tokens_per_chunk``
+    tokens into one chunk, sent when its last token is produced (tgi: one token a chunk).
     Embeddings take a slot, then sleep ``ttft_base_s + ttft_per_prompt_token_s * words``.
 
     Output length is exactly the requested limit, else ``default_max_tokens`` (see
