@@ -24,27 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from shared_ollama.bench.selftest import run_vllm_bench
 from tests.realservers._process import client_cpus
 from tests.realservers.vllm_server import VLLMServer, ensure_tiny_hf_model, ensure_vllm_venv
 
 METRICS = ("median_ttft_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms")
 MODEL = "tiny-llama"
 PROMPT_TOKENS, OUTPUT_TOKENS = 128, 64
-
-# Run by vLLM's Python: its bench client, the summary as JSON on the last line.
-VLLM_SCRIPT = """
-import json, sys
-from vllm.benchmarks.serve import add_cli_args, main
-try:
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-except ImportError:
-    from vllm.utils import FlexibleArgumentParser
-parser = FlexibleArgumentParser()
-add_cli_args(parser)
-result = main(parser.parse_args(sys.argv[1:]))
-scalars = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
-print("VLLM " + json.dumps(scalars))
-"""
 
 
 def _pin() -> None:
@@ -64,15 +50,10 @@ def run_vllm_client(python: Path, tokenizer: Path, url: str, n: int, c: int) -> 
         *("--disable-tqdm", "--num-warmups", "4"),
         *("--percentile-metrics", "ttft,tpot,itl,e2el"),
     ]
-    done = subprocess.run([str(python), "-c", VLLM_SCRIPT, *args], capture_output=True,
-                          text=True, check=False, preexec_fn=_pin)  # fmt: skip
-    for line in done.stdout.splitlines():
-        if line.startswith("VLLM "):
-            data: dict[str, float] = json.loads(line[5:])
-            if "total_output_tokens" not in data:  # the key's name in older versions
-                data["total_output_tokens"] = data.get("total_output", 0.0)
-            return data
-    raise RuntimeError("vLLM's bench client failed:\n" + done.stderr[-3000:])
+    data = run_vllm_bench(str(python), args, pin=_pin)
+    if "total_output_tokens" not in data:  # the key's name in older versions
+        data["total_output_tokens"] = data.get("total_output", 0.0)
+    return data
 
 
 def run_ours(url: str, n: int, c: int, out: Path) -> dict[str, float]:

