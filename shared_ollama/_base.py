@@ -173,6 +173,8 @@ class BaseClient(Generic[TransportT]):
         self._calls: dict[CallPlan, tuple[CallSpan, object]] = {}
         self._record_lock = threading.Lock()
         self._started = False
+        for ep in self._pool.endpoints:  # a slot given back wakes the calls waiting for one
+            ep.on_release = self._wake_slot_waiters
         self._open_connections(transport)
 
     def _open_connections(self, transport: TransportT | None) -> None:
@@ -182,10 +184,7 @@ class BaseClient(Generic[TransportT]):
     def _connections(
         self, factory: Callable[..., TransportT], transport: TransportT | None
     ) -> dict[str, Connection]:
-        """httpx transports per endpoint, in shards (or the caller's one for all); a slot
-        given back wakes the calls waiting for one."""
-        for ep in self._pool.endpoints:
-            ep.on_release = self._wake_slot_waiters
+        """httpx transports per endpoint, in shards (or the caller's one for all)."""
         timeouts = self.config.timeouts
         if transport is not None:
             return {

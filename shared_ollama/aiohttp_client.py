@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from ._core.steps import Head, Read, Send
-from ._transport import DEFAULT_HEADERS, env_proxy, ssl_context
+from ._transport import DEFAULT_HEADERS, Connection, env_proxy, ssl_context
 from .client import SharedClient, _Body, _deadline_error, _limit
 from .config import Endpoint
 from .errors import ConfigError, ConnectError, ProtocolError, SharedOllamaError
@@ -76,10 +76,15 @@ class AiohttpSharedClient(SharedClient):
     semantics. It takes no ``transport=`` (that is httpx's seam)."""
 
     def _open_connections(self, transport: Any) -> None:
+        super()._open_connections(transport)
+        self._sessions: dict[str, _Session] = {}
+
+    def _http_connections(self, transport: Any) -> dict[str, Connection]:
+        # No httpx transport is built (each would cost a pool and, per endpoint, a TLS
+        # context): aiohttp's sessions are made on first use.
         if transport is not None:
             raise ConfigError("AiohttpSharedClient takes no httpx transport")
-        super()._open_connections(None)
-        self._sessions: dict[str, _Session] = {}
+        return {}
 
     def _session(self, endpoint: Endpoint) -> _Session:
         # Created on first use: an aiohttp session belongs to the running loop.

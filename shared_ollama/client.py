@@ -190,7 +190,7 @@ def _content(op: Read) -> Any:
 
 
 def _has_content(record: CallRecord, piece: Piece) -> bool:
-    return bool(piece.text or piece.thinking or piece.tool_calls)
+    return piece.has_content
 
 
 def _advance(gen: Steps[Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
@@ -230,7 +230,7 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
     _health_task: asyncio.Task[None] | None = None
 
     def _open_connections(self, transport: httpx.AsyncBaseTransport | None) -> None:
-        self._http = self._connections(httpx.AsyncHTTPTransport, transport)
+        self._http = self._http_connections(transport)
         #: Resolved when an endpoint gives a slot back: calls waiting for one re-route at once.
         self._slot_freed: asyncio.Future[None] | None = None
         #: Tasks inside a send, read or sleep now (a count: hedges nest), and those close
@@ -238,6 +238,12 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         self._performing: dict[asyncio.Task[Any], int] = {}
         self._close_cancelled: set[asyncio.Task[Any]] = set()
         self._recorded: asyncio.Event | None = None
+
+    def _http_connections(
+        self, transport: httpx.AsyncBaseTransport | None
+    ) -> dict[str, Connection]:
+        """The endpoints' httpx transports (a driver over another library has none)."""
+        return self._connections(httpx.AsyncHTTPTransport, transport)
 
     def _owner(self) -> object:
         return asyncio.current_task()
@@ -307,18 +313,25 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
 
     # -- the interpreter ----------------------------------------------------------------
     async def _run(
-        self, gen: Steps[Any], value: Any = None, error: BaseException | None = None
+        self,
+        gen: Steps[Any],
+        value: Any = None,
+        error: BaseException | None = None,
+        op: Any = None,
     ) -> Any:
-        """Perform what ``gen`` yields until it returns (its value is returned) or yields a
-        ``Deliver`` (returned as is: ``_iterate`` hands its chunk over and resumes)."""
+        """Perform what ``gen`` yields (starting with ``op`` when it already yielded one)
+        until it returns (its value is returned) or yields a ``Deliver`` (returned as is:
+        ``_iterate`` hands its chunk over and resumes)."""
         while True:
-            done, op = _advance(gen, value, error)
-            if done or type(op) is Deliver:
-                return op
+            if op is None:
+                done, op = _advance(gen, value, error)
+                if done or type(op) is Deliver:
+                    return op
             try:
                 value, error = await self._perform(op), None
             except BaseException as exc:  # thrown into the steps: their cleanup runs
                 value, error = None, exc
+            op = None
 
     async def _iterate(self, gen: Steps[None]) -> AsyncIterator[Any]:
         """A stream: each chunk the steps ``Deliver``, handed to the caller in turn."""
@@ -339,15 +352,7 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                 if done or type(op) is Deliver:
                     out = op
                 else:
-                    out = await self._run_from(gen, op)
-
-    async def _run_from(self, gen: Steps[Any], op: Any) -> Any:
-        """``_run``, starting with ``op`` the steps already yielded."""
-        try:
-            value, error = await self._perform(op), None
-        except BaseException as exc:
-            value, error = None, exc
-        return await self._run(gen, value, error)
+                    out = await self._run(gen, op=op)
 
     async def _perform(self, op: IOOp) -> Any:
         if op is WALL:

@@ -402,7 +402,7 @@ class CallPlan:
             rec.chunk_times_ns.append(now_ns)
             # A chunk with no content (Ollama's final object, an empty finish chunk) carries
             # no token, whatever the protocol says about the others.
-            has_content = piece.text or piece.thinking or piece.tool_calls
+            has_content = piece.has_content
             rec.chunk_tokens.append(piece.tokens if has_content else 0)
             if has_content:
                 rec.t_last_token_ns = now_ns

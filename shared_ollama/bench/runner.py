@@ -17,13 +17,12 @@ from typing import Any, Literal, Protocol
 from .._core.requests import chat_op, generate_op
 from ..client import SharedClient
 from ..errors import SharedOllamaError
-from ..types import ChatChunk, GenerateChunk
 from .collector import PHASE_TAG, SEQ_TAG, WORKLOAD_TAG, Collector
 from .result import RequestRecord
 from .scheduler import ClosedLoop, OpenLoop, PhasePlan, Stop, planned_arrivals
 from .workload import RequestSpec, WorkloadMix
 
-__all__ = ["PhaseRun", "ProgressSink", "Runner", "has_content"]
+__all__ = ["PhaseRun", "ProgressSink", "Runner"]
 
 WARMUP = "warmup"
 
@@ -50,18 +49,6 @@ class PhaseRun:
     unrecorded: int = 0
     #: CPU seconds the event-loop thread (every request's driver) used during the phase.
     driver_cpu_s: float | None = None
-
-
-def has_content(chunk: Any) -> bool:
-    """Whether a streamed chunk carries content (text, thinking or tool calls)."""
-    # Type checks, not getattr with a default: a missing attribute on a pydantic model
-    # takes its slow __getattr__ path (twice per chunk, most of this function's cost).
-    if isinstance(chunk, ChatChunk):
-        msg = chunk.message
-        return bool(msg.content or msg.thinking or msg.tool_calls)
-    if isinstance(chunk, GenerateChunk):
-        return bool(chunk.response)
-    return False
 
 
 async def _sleep_until(t_ns: int) -> None:

@@ -137,6 +137,11 @@ class Piece:
     #: final event with ``details``): a stream that ends without it was truncated.
     final: bool = False
 
+    @property
+    def has_content(self) -> bool:
+        """Whether the event carries content: text, thinking or tool calls."""
+        return bool(self.text or self.thinking or self.tool_calls)
+
 
 @dataclass(slots=True)
 class ListedModel:
