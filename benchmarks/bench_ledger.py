@@ -1,6 +1,8 @@
-"""Ledger benchmark: writer throughput (records/s) and event-loop stall while writing.
+"""Ledger benchmark: writer throughput, event-loop stall, and the durability window.
 
-Run: ``python benchmarks/bench_ledger.py [--records 100000] [--repeat 3] [--dir DIR]``.
+Run: ``python benchmarks/bench_ledger.py [--records 100000] [--repeat 3] [--dir DIR]``, or
+``python benchmarks/bench_ledger.py --durability [--rate 1000] [--kills 10] [--ledger URL]``
+for submit-to-commit latency and the records lost to ``kill -9`` at a steady call rate.
 Prints figures; it is not a test and asserts nothing but row counts.
 """
 
@@ -8,13 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
+import sqlite3
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from shared_ollama.records import AttemptRecord, CallRecord
 from shared_ollama.usage import Ledger
@@ -128,6 +136,223 @@ def stall(
     return sorted(stalls), elapsed
 
 
+def _record(tag: str, i: int) -> CallRecord:
+    start = time.monotonic_ns()
+    return CallRecord(
+        request_id=f"{tag}-{i:09d}",
+        project="durability",
+        operation="chat",
+        model="llama3.2",
+        stream=False,
+        t_start_ns=start,
+        t_end_ns=start + 1_000_000,
+        endpoint="http://gpu-a:11434",
+        protocol="ollama",
+        input_tokens=12,
+        output_tokens=34,
+        attempts=[AttemptRecord("http://gpu-a:11434", start, start + 1_000_000, 200)],
+    )
+
+
+def _paced(rate: float, limit: int, submit: Callable[[int], None]) -> None:
+    """Call ``submit(i)`` for i = 0, 1, ... at ``rate`` per second (catching up when late)."""
+    t0 = time.perf_counter()
+    for i in range(limit):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        submit(i)
+
+
+def paced_child(
+    target: str, tag: str, rate: float, times: Any, kill_at: int, conn: Connection
+) -> None:
+    """Child of the kill -9 runs: submit at ``rate``, noting each submit's wall time in
+    the shared array ``times`` (which survives the kill), and tell the parent at ``kill_at``."""
+    ledger = Ledger(target)
+
+    def submit(i: int) -> None:
+        times[i] = time.time()
+        ledger.submit(_record(tag, i))
+        if i + 1 == kill_at:
+            conn.send(i + 1)
+
+    _paced(rate, len(times), submit)
+    conn.send(-1)  # ran out of room: the parent never killed us
+
+
+def client_child(
+    target: str, tag: str, port: int, rate: float, times: Any, kill_at: int, conn: Connection
+) -> None:
+    """Like ``paced_child``, through ``SyncSharedClient`` against the instant server: each
+    call is tagged with its number and its end noted in ``times``."""
+    from shared_ollama import Endpoint, HealthPolicy, SyncSharedClient, UsageConfig
+    from shared_ollama.testing.instant import MESSAGES, MODEL
+
+    client = SyncSharedClient(
+        endpoints=[Endpoint(f"http://127.0.0.1:{port}", kind="ollama")],
+        project=tag,
+        health=HealthPolicy(enabled=False),
+        usage=UsageConfig(path=target),
+    )
+
+    def call(i: int) -> None:
+        client.chat(model=MODEL, messages=MESSAGES, options={"num_predict": 1}, tags={"i": str(i)})
+        times[i] = time.time()
+        if i + 1 == kill_at:
+            conn.send(i + 1)
+
+    _paced(rate, len(times), call)
+    conn.send(-1)
+
+
+def client_kill_window(
+    target: str, tag: str, port: int, rate: float, kill_at: int
+) -> tuple[int, int, float]:
+    """One kill -9 run through the client: (calls finished, lost, oldest lost call's age)."""
+    ctx = multiprocessing.get_context("spawn")
+    times = ctx.Array("d", kill_at + int(rate) * 5, lock=False)
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=client_child, args=(target, tag, port, rate, times, kill_at, sender))
+    child.start()
+    sender.close()
+    reached = receiver.recv()
+    t_kill = time.time()
+    child.kill()
+    child.join()
+    assert reached == kill_at, "the child stopped before the kill"
+    finished = {i for i, t in enumerate(times) if t > 0}
+    with Ledger(target) as ledger:
+        kept = {int(r.tags["i"]) for r in ledger.rows(project=tag)}
+    lost = finished - kept
+    age = t_kill - min(times[i] for i in lost) if lost else 0.0
+    return len(finished), len(lost), age
+
+
+def committed_ids(target: str, tag: str) -> set[str]:
+    """The request ids starting with ``tag`` in the ledger at ``target`` (a fresh reader)."""
+    if "://" not in target:
+        with sqlite3.connect(target) as conn:
+            ids = {r[0] for r in conn.execute("SELECT request_id FROM calls")}
+    else:
+        with Ledger(target) as ledger:
+            ids = {r.request_id for r in ledger.rows(project="durability")}
+    return {i for i in ids if i.startswith(tag + "-")}
+
+
+def kill_window(target: str, tag: str, rate: float, kill_at: int) -> tuple[int, int, float]:
+    """One kill -9 run: (records submitted, records lost, age in s of the oldest lost one)."""
+    ctx = multiprocessing.get_context("spawn")
+    times = ctx.Array("d", kill_at + int(rate) * 5, lock=False)
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=paced_child, args=(target, tag, rate, times, kill_at, sender))
+    child.start()
+    sender.close()
+    reached = receiver.recv()
+    t_kill = time.time()
+    child.kill()
+    child.join()
+    assert reached == kill_at, "the child stopped before the kill"
+    submitted = sum(1 for t in times if t > 0)
+    ids = committed_ids(target, tag)
+    # The writer commits in submit order: what survived is a prefix.
+    assert ids == {f"{tag}-{i:09d}" for i in range(len(ids))}, "a gap in the committed records"
+    lost = submitted - len(ids)
+    age = t_kill - times[len(ids)] if lost else 0.0
+    return submitted, lost, age
+
+
+def commit_latency(target: str, rate: float, seconds: float) -> list[float]:
+    """Submit-to-commit latency (s) of each record at a steady ``rate``, sorted; a reader
+    polls the row count every 2 ms (records are committed in submit order)."""
+    ledger = Ledger(target)
+    n = int(rate * seconds)
+    times = [0.0] * n
+    polls: list[tuple[float, int]] = []
+    done = threading.Event()
+    before = ledger.count()  # rows of earlier runs (a reused database)
+    tag = f"l{uuid.uuid4().hex[:8]}"  # ids unique across runs: duplicates are not inserted
+
+    def poll() -> None:
+        while not done.is_set():
+            count = ledger.count() - before
+            polls.append((time.time(), count))
+            done.wait(0.002)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+
+    def submit(i: int) -> None:
+        times[i] = time.time()
+        ledger.submit(_record(tag, i))
+
+    _paced(rate, n, submit)
+    ledger.flush()
+    polls.append((time.time(), ledger.count() - before))
+    done.set()
+    poller.join()
+    ledger.close()
+    latencies: list[float] = []
+    j = 0
+    for i in range(n):
+        while polls[j][1] <= i:
+            j += 1
+        latencies.append(polls[j][0] - times[i])
+    return sorted(latencies)
+
+
+def durability(args: argparse.Namespace, base: Path) -> None:
+    """Print submit-to-commit latency and the kill -9 loss window at ``args.rate``."""
+    print(f"durability at {args.rate:,.0f} calls/s, default ledger settings:")
+    for run in range(args.repeat):
+        target = args.ledger or str(base / f"latency{run}.sqlite3")
+        lat = commit_latency(target, args.rate, args.seconds)
+        n = len(lat)
+        print(
+            f"  submit-to-commit (s): p50 {lat[n // 2]:.3f}  p99 {lat[int(n * 0.99)]:.3f}"
+            f"  max {lat[-1]:.3f}  ({n:,} records)"
+        )
+    worst = 0.0
+    for run in range(args.kills):
+        target = args.ledger or str(base / f"kill{run}.sqlite3")
+        kill_at = int(args.rate * 1.5) + run * 137  # a different phase of the writer each run
+        tag = f"k{uuid.uuid4().hex[:8]}"
+        submitted, lost, age = kill_window(target, tag, args.rate, kill_at)
+        worst = max(worst, age)
+        print(
+            f"  kill -9 #{run + 1}: {submitted:,} submitted, {lost} lost, oldest lost {age:.3f} s"
+        )
+    print(f"  worst oldest lost record: {worst:.3f} s")
+    if args.client:
+        client_kills(args, base)
+
+
+def client_kills(args: argparse.Namespace, base: Path) -> None:
+    """The kill -9 runs through ``SyncSharedClient`` and the instant server."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "shared_ollama.testing.instant"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        print(f"kill -9 through SyncSharedClient (instant server), paced at {args.rate:,.0f}/s:")
+        worst = 0.0
+        for run in range(args.kills):
+            target = args.ledger or str(base / f"client{run}.sqlite3")
+            kill_at = int(args.rate * 1.5) + run * 137
+            tag = f"c{uuid.uuid4().hex[:8]}"
+            done, lost, age = client_kill_window(target, tag, port, args.rate, kill_at)
+            worst = max(worst, age)
+            print(
+                f"  kill -9 #{run + 1}: {done:,} calls finished, {lost} lost, "
+                f"oldest lost {age:.3f} s"
+            )
+        print(f"  worst oldest lost call: {worst:.3f} s")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def _row(name: str, stalls: list[float], elapsed: float) -> str:
     n = len(stalls)
     over = sum(s > 1.0 for s in stalls)
@@ -144,9 +369,18 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=100, help="submits per loop turn")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement")
     parser.add_argument("--dir", help="where to put the ledger files (default: a temp dir)")
+    parser.add_argument("--durability", action="store_true", help="commit latency and kill -9")
+    parser.add_argument("--rate", type=float, default=1000.0, help="calls/s for --durability")
+    parser.add_argument("--seconds", type=float, default=5.0, help="latency run length")
+    parser.add_argument("--kills", type=int, default=10, help="kill -9 runs")
+    parser.add_argument("--ledger", help="--durability against this ledger (e.g. a PostgreSQL URL)")
+    parser.add_argument("--client", action="store_true", help="also kill -9 through the client")
     args = parser.parse_args()
     base = Path(args.dir or tempfile.mkdtemp(prefix="bench_ledger_"))
     base.mkdir(parents=True, exist_ok=True)
+    if args.durability:
+        durability(args, base)
+        return 0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs (load {load:.1f}), "

@@ -7,7 +7,9 @@ server needed), then prints what Prometheus would scrape and the usage summary.
     python examples/otel_export.py                       # OTLP to localhost:4318, :9464
     python examples/otel_export.py --otlp "" --serve 60  # no OTLP; keep /metrics up a minute
 
-Spans and metrics use the OpenTelemetry GenAI names (see docs/usage_and_telemetry.md).
+Spans and metrics use the OpenTelemetry GenAI names (see docs/usage_and_telemetry.md): the
+v1.41 ones by default, the latest draft ones with
+``OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental`` (``.../dup`` for both).
 """
 
 from __future__ import annotations

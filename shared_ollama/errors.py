@@ -21,6 +21,7 @@ attempt count and the server's own message where there was one::
      ├── NoEndpointAvailable      every endpoint for the model is open, saturated or down
      ├── StreamInterrupted        a stream broke after chunks reached the caller
      ├── BudgetExceeded           a project limit would be exceeded; nothing was sent
+     │    └── BudgetUnavailable   the shared budget store could not be reached; nothing sent
      ├── ClientClosed             the client was closed before or during the call
      ├── ConfigError              bad configuration                       (+ ValueError)
      └── ProtocolError            a malformed reply (bad JSON, broken stream framing)
@@ -37,9 +38,11 @@ from typing import Any
 __all__ = [
     "AuthError",
     "BudgetExceeded",
+    "BudgetUnavailable",
     "CircuitOpen",
     "ClientClosed",
     "ConfigError",
+    "LedgerUnavailable",
     "ConnectError",
     "EndpointError",
     "InvalidRequest",
@@ -237,11 +240,26 @@ class BudgetExceeded(SharedOllamaError):
         self.resets_in = resets_in
 
 
+class BudgetUnavailable(BudgetExceeded):
+    """The shared budget store (``usage.limits``) could not be reached or locked in time.
+
+    Nothing was sent: a budget that cannot be checked refuses the call (fail closed). A
+    ``BudgetExceeded``, so code that handles refusals handles this one too.
+    """
+
+
 class ConfigError(SharedOllamaError, ValueError):
     """The configuration is invalid.
 
     Also a ``ValueError``, so that pydantic reports one raised while it builds a nested
     ``Endpoint`` (a pool file, a bench scenario) as a validation error at that place.
+    """
+
+
+class LedgerUnavailable(SharedOllamaError):
+    """The usage ledger's database could not be read (e.g. the PostgreSQL server went away).
+
+    Only queries raise it; recording calls never does (see ``usage.Ledger``).
     """
 
 

@@ -2,15 +2,20 @@
 
 The library uses the OpenTelemetry API only; ``configure()`` (the ``otel`` extra) sets up the SDK.
 
-Names follow the GenAI semantic conventions: span ``"{gen_ai.operation.name} {model}"``;
-histograms ``gen_ai.client.operation.duration`` (s), ``gen_ai.client.token.usage``
-(``{token}``, ``gen_ai.token.type`` = input|output), ``gen_ai.client.operation.
-time_to_first_chunk`` (s) and ``gen_ai.client.operation.time_per_output_chunk`` (s); gauges
-``shared_ollama.endpoint.in_flight`` and ``shared_ollama.endpoint.breaker_state``.
+Names follow the GenAI semantic conventions v1.41 by default: span
+``"{gen_ai.operation.name} {model}"``; histograms ``gen_ai.client.operation.duration`` (s),
+``gen_ai.client.token.usage`` (``{token}``, ``gen_ai.token.type`` = input|output),
+``gen_ai.client.operation.time_to_first_chunk`` (s) and ``gen_ai.client.operation.
+time_per_output_chunk`` (s); gauges ``shared_ollama.endpoint.in_flight`` and
+``shared_ollama.endpoint.breaker_state`` (and ``shared_ollama.endpoint.concurrency_limit``
+for adaptive endpoints). ``OTEL_SEMCONV_STABILITY_OPT_IN`` selects the
+newer draft names instead (``gen_ai_latest_experimental``) or both
+(``gen_ai_latest_experimental/dup``): see ``SEMCONV_NAMES``.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -22,7 +27,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from inspect import ismethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from opentelemetry import metrics, propagate, trace
@@ -41,11 +46,17 @@ if TYPE_CHECKING:  # the SDK is an optional extra: only configure() imports it
 __all__ = [
     "BREAKER_STATE_VALUES",
     "CAPTURE_CONTENT_ENV",
+    "SEMCONV_DUP",
+    "SEMCONV_LATEST",
+    "SEMCONV_NAMES",
+    "SEMCONV_OPT_IN_ENV",
     "CallSpan",
     "OTelSetup",
+    "Semconv",
     "Telemetry",
     "configure",
     "operation_name",
+    "semconv_from_env",
 ]
 
 log = logging.getLogger("shared_ollama.telemetry")
@@ -54,6 +65,41 @@ log = logging.getLogger("shared_ollama.telemetry")
 #: ``EVENT_ONLY``, ``SPAN_AND_EVENT`` values).
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _CAPTURE_ON = {"1", "true", "yes", "on", "span_only", "event_only", "span_and_event"}
+
+#: Which GenAI conventions to emit: a comma-separated list; unknown tokens are ignored.
+SEMCONV_OPT_IN_ENV = "OTEL_SEMCONV_STABILITY_OPT_IN"
+#: Emit the latest draft GenAI names only (the conventions' own opt-in value).
+SEMCONV_LATEST = "gen_ai_latest_experimental"
+#: Emit both the v1.41 and the draft names, for a transition: ``/dup`` as in ``http/dup``,
+#: the value the HTTP conventions used for the same kind of migration.
+SEMCONV_DUP = "gen_ai_latest_experimental/dup"
+
+#: ``"v1.41"`` (the default), ``"latest"`` or ``"dup"`` (both).
+Semconv = Literal["v1.41", "latest", "dup"]
+
+#: v1.41 instrument (or span attribute) -> its draft replacements: (name, unit, instrument).
+SEMCONV_NAMES: Mapping[str, tuple[tuple[str, str, str], ...]] = {
+    "gen_ai.client.operation.duration": (
+        ("gen_ai.client.inference.duration", "s", "histogram"),  # chat, text_completion
+        ("gen_ai.client.embeddings.duration", "s", "histogram"),  # embeddings
+        ("gen_ai.client.operation.duration", "s", "histogram"),  # any other operation
+    ),
+    "gen_ai.client.token.usage": (
+        ("gen_ai.client.inference.usage.input_tokens", "{token}", "counter"),
+        ("gen_ai.client.inference.usage.output_tokens", "{token}", "counter"),
+        ("gen_ai.client.inference.operation.input_tokens", "{token}", "histogram"),
+        ("gen_ai.client.inference.operation.output_tokens", "{token}", "histogram"),
+        ("gen_ai.client.embeddings.operation.input_tokens", "{token}", "histogram"),
+    ),
+    "gen_ai.client.operation.time_to_first_chunk": (
+        ("gen_ai.client.inference.time_to_first_chunk", "s", "histogram"),
+    ),
+    "gen_ai.client.operation.time_per_output_chunk": (
+        ("gen_ai.client.inference.time_per_output_chunk", "s", "histogram"),
+    ),
+    # A span attribute: the drafts standardise what shared_ollama.stream said (kept too).
+    "shared_ollama.stream": (("gen_ai.request.stream", "", "span attribute"),),
+}
 
 #: ``shared_ollama.endpoint.breaker_state`` values.
 BREAKER_STATE_VALUES: Mapping[str, int] = {"closed": 0, "half_open": 1, "open": 2}
@@ -77,6 +123,23 @@ _SCHEME_PORTS = {"http": 80, "https": 443}
 
 def _capture_from_env() -> bool:
     return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() in _CAPTURE_ON
+
+
+def semconv_from_env(value: str | None = None) -> Semconv:
+    """The conventions ``$OTEL_SEMCONV_STABILITY_OPT_IN`` (or ``value``) asks for.
+
+    >>> semconv_from_env(""), semconv_from_env("http, gen_ai_latest_experimental")
+    ('v1.41', 'latest')
+    >>> semconv_from_env("gen_ai_latest_experimental/dup,gen_ai_latest_experimental")
+    'dup'
+    """
+    raw = os.environ.get(SEMCONV_OPT_IN_ENV, "") if value is None else value
+    tokens = {token.strip().lower() for token in raw.split(",")}
+    if SEMCONV_DUP in tokens:  # the wider one wins, as http/dup does over http
+        return "dup"
+    if SEMCONV_LATEST in tokens:
+        return "latest"
+    return "v1.41"
 
 
 @functools.lru_cache(maxsize=256)
@@ -120,33 +183,49 @@ class _Instruments:
 
     def __init__(self, meter: metrics.Meter) -> None:
         self.meter = meter
-        self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration",
-            unit="s",
-            description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
-        )
-        self.token_usage = meter.create_histogram(
-            "gen_ai.client.token.usage",
-            unit="{token}",
-            description="Number of input and output tokens used.",
-            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
-        )
-        self.time_to_first_chunk = meter.create_histogram(
-            "gen_ai.client.operation.time_to_first_chunk",
-            unit="s",
-            description="Time to receive the first chunk of a streaming response.",
-            explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
-        )
-        self.time_per_output_chunk = meter.create_histogram(
-            "gen_ai.client.operation.time_per_output_chunk",
-            unit="s",
-            description="Time between consecutive chunks of a streaming response.",
-            explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
-        )
         self.lock = threading.Lock()
         self.sources: list[Callable[[], _StatusFn | None]] = []
         self.gauges_created = False
+        # Per conventions, created on first use: a mode nobody selected has no instruments.
+        self._v141_set: _V141Metrics | None = None
+        self._latest_set: _LatestMetrics | None = None
+        self._dup_set: _LatestMetrics | None = None
+        self._duration: metrics.Histogram | None = None
+
+    def metric_sets(self, semconv: Semconv) -> tuple[_V141Metrics | _LatestMetrics, ...]:
+        """The instrument sets ``semconv`` records into, each once per call."""
+        with self.lock:
+            if semconv == "v1.41":
+                return (self._v141(),)
+            if semconv == "latest":
+                return (self._latest(),)
+            # Both keep gen_ai.client.operation.duration (one instrument): in dup only the
+            # v1.41 set records it, or an operation that is neither inference nor embeddings
+            # would count twice.
+            if self._dup_set is None:
+                self._dup_set = copy.copy(self._latest())
+                self._dup_set.operation_duration = None
+            return (self._v141(), self._dup_set)
+
+    def _generic_duration(self) -> metrics.Histogram:
+        if self._duration is None:
+            self._duration = self.meter.create_histogram(
+                "gen_ai.client.operation.duration",
+                unit="s",
+                description="GenAI operation duration.",
+                explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
+            )
+        return self._duration
+
+    def _v141(self) -> _V141Metrics:
+        if self._v141_set is None:
+            self._v141_set = _V141Metrics(self.meter, self._generic_duration())
+        return self._v141_set
+
+    def _latest(self) -> _LatestMetrics:
+        if self._latest_set is None:
+            self._latest_set = _LatestMetrics(self.meter, self._generic_duration())
+        return self._latest_set
 
     def observe(self, source: Callable[[], _StatusFn | None]) -> None:
         with self.lock:
@@ -166,6 +245,12 @@ class _Instruments:
             # A state code, not a ratio: "1" would become a _ratio suffix in Prometheus.
             unit="{state}",
             description="Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+        )
+        self.meter.create_observable_gauge(
+            "shared_ollama.endpoint.concurrency_limit",
+            callbacks=[self._observe_limit],
+            unit="{request}",
+            description='The in-flight limit learned for a max_in_flight="adaptive" endpoint.',
         )
 
     def forget(self, source: Callable[[], _StatusFn | None]) -> None:
@@ -192,6 +277,14 @@ class _Instruments:
             in_flight = s.get("in_flight")
             if isinstance(in_flight, int):
                 out.append(Observation(in_flight, _server(str(s.get("endpoint")))))
+        return out
+
+    def _observe_limit(self, options: CallbackOptions) -> Iterable[Observation]:
+        out: list[Observation] = []
+        for s in self._statuses():
+            limit = s.get("max_in_flight")
+            if s.get("adaptive") is True and isinstance(limit, int):
+                out.append(Observation(limit, _server(str(s.get("endpoint")))))
         return out
 
     def _observe_breaker(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -230,7 +323,8 @@ class Telemetry:
 
     ``tracer_provider``/``meter_provider`` default to the global ones (set by the app, or by
     ``configure()``); without an SDK everything is a cheap no-op. ``capture_content``
-    defaults to ``$OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``.
+    defaults to ``$OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``, ``semconv`` to
+    ``$OTEL_SEMCONV_STABILITY_OPT_IN`` (see ``semconv_from_env``), both read here, once.
     """
 
     def __init__(
@@ -239,12 +333,19 @@ class Telemetry:
         meter_provider: metrics.MeterProvider | None = None,
         *,
         capture_content: bool | None = None,
+        semconv: Semconv | None = None,
     ) -> None:
         self._tracer = trace.get_tracer(
             "shared_ollama", __version__, tracer_provider=tracer_provider
         )
         self.instruments = _instruments_for(meter_provider)
         self.capture_content = _capture_from_env() if capture_content is None else capture_content
+        #: The GenAI conventions this instance emits: ``v1.41``, ``latest`` or ``dup``.
+        self.semconv: Semconv = semconv_from_env() if semconv is None else semconv
+        if self.semconv not in ("v1.41", "latest", "dup"):
+            raise ValueError(f"semconv must be 'v1.41', 'latest' or 'dup', not {semconv!r}")
+        self._metric_sets = self.instruments.metric_sets(self.semconv)
+        self._latest_span = self.semconv != "v1.41"
         # Events carry epoch ns; records carry monotonic ns.
         self._epoch_offset_ns = time.time_ns() - time.monotonic_ns()
 
@@ -264,6 +365,8 @@ class Telemetry:
             "shared_ollama.project": project,
             "shared_ollama.stream": stream,
         }
+        if self._latest_span:
+            attributes["gen_ai.request.stream"] = stream
         if model:
             attributes["gen_ai.request.model"] = model
         if provider:
@@ -360,7 +463,8 @@ class CallSpan:
         error_type = None if record.ok else (record.error_type or record.outcome)
         common = self._common(record)
         if not span.is_recording():  # no tracer provider: no attributes to build
-            _record_metrics(self._telemetry.instruments, record, common, error_type)
+            for metric_set in self._telemetry._metric_sets:
+                metric_set.record(record, common, error_type)
             return
         attrs: dict[str, AttributeValue] = {
             **common,
@@ -383,7 +487,8 @@ class CallSpan:
         span.set_attributes(attrs)
         self._attempt_events(record)
         self._content_event()
-        _record_metrics(self._telemetry.instruments, record, common, error_type)
+        for metric_set in self._telemetry._metric_sets:
+            metric_set.record(record, common, error_type)
 
     def _common(self, record: CallRecord) -> dict[str, AttributeValue]:
         """Attributes shared by the span and the metrics (low cardinality)."""
@@ -428,24 +533,148 @@ class CallSpan:
             self._span.add_event("shared_ollama.attempt_failed", event, timestamp=when)
 
 
-def _record_metrics(
-    t: _Instruments,
-    record: CallRecord,
-    attrs: dict[str, AttributeValue],
-    error_type: str | None,
-) -> None:
-    t.duration.record(
-        record.duration_s, {**attrs, "error.type": error_type} if error_type else attrs
-    )
-    for kind, tokens in (("input", record.input_tokens), ("output", record.output_tokens)):
-        if tokens is not None:
-            t.token_usage.record(tokens, {**attrs, "gen_ai.token.type": kind})
-    if not record.stream:  # the chunk metrics are for streams only
-        return
-    if record.t_first_chunk_ns is not None:
-        t.time_to_first_chunk.record((record.t_first_chunk_ns - record.t_start_ns) / 1e9, attrs)
-    for previous, current in itertools.pairwise(record.chunk_times_ns):
-        t.time_per_output_chunk.record((current - previous) / 1e9, attrs)
+class _V141Metrics:
+    """The GenAI client histograms as the conventions v1.41 name them (the default)."""
+
+    def __init__(self, meter: metrics.Meter, duration: metrics.Histogram) -> None:
+        self.duration = duration
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+        )
+        self.time_to_first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk",
+            unit="s",
+            description="Time to receive the first chunk of a streaming response.",
+            explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
+        )
+        self.time_per_output_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_per_output_chunk",
+            unit="s",
+            description="Time between consecutive chunks of a streaming response.",
+            explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
+        )
+
+    def record(
+        self, record: CallRecord, attrs: dict[str, AttributeValue], error_type: str | None
+    ) -> None:
+        """Record one finished call."""
+        self.duration.record(
+            record.duration_s, {**attrs, "error.type": error_type} if error_type else attrs
+        )
+        for kind, tokens in (("input", record.input_tokens), ("output", record.output_tokens)):
+            if tokens is not None:
+                self.token_usage.record(tokens, {**attrs, "gen_ai.token.type": kind})
+        if not record.stream:  # the chunk metrics are for streams only
+            return
+        if record.t_first_chunk_ns is not None:
+            ttfc = (record.t_first_chunk_ns - record.t_start_ns) / 1e9
+            self.time_to_first_chunk.record(ttfc, attrs)
+        for previous, current in itertools.pairwise(record.chunk_times_ns):
+            self.time_per_output_chunk.record((current - previous) / 1e9, attrs)
+
+
+_INFERENCE_OPS = frozenset({"chat", "text_completion", "generate_content"})
+# The servers report no per-modality counts, and a chat may carry images: the drafts ask
+# for "unknown" when the modality cannot be told reliably.
+_UNKNOWN_MODALITY = "unknown"
+
+
+class _LatestMetrics:
+    """The GenAI client instruments as the latest draft conventions name them (opt-in).
+
+    Inference (chat, text completion) and embeddings have their own duration and token
+    instruments; ``gen_ai.client.operation.duration`` stays for any other operation.
+    """
+
+    def __init__(self, meter: metrics.Meter, operation_duration: metrics.Histogram) -> None:
+        def histogram(name: str, unit: str, description: str) -> metrics.Histogram:
+            buckets = _TIME_BUCKETS if unit == "s" else _TOKEN_BUCKETS
+            return meter.create_histogram(
+                name,
+                unit=unit,
+                description=description,
+                explicit_bucket_boundaries_advisory=buckets,
+            )
+
+        self.inference_duration = histogram(
+            "gen_ai.client.inference.duration", "s", "GenAI client inference operation duration."
+        )
+        self.embeddings_duration = histogram(
+            "gen_ai.client.embeddings.duration", "s", "GenAI client embeddings operation duration."
+        )
+        #: None where the v1.41 set records it (dup).
+        self.operation_duration: metrics.Histogram | None = operation_duration
+        self.time_to_first_chunk = histogram(
+            "gen_ai.client.inference.time_to_first_chunk",
+            "s",
+            "Time to receive the first chunk of a streaming response.",
+        )
+        self.time_per_output_chunk = histogram(
+            "gen_ai.client.inference.time_per_output_chunk",
+            "s",
+            "Time between consecutive chunks of a streaming response.",
+        )
+        self.usage_input = meter.create_counter(
+            "gen_ai.client.inference.usage.input_tokens",
+            unit="{token}",
+            description="The number of input (prompt) tokens used, including cached tokens.",
+        )
+        self.usage_output = meter.create_counter(
+            "gen_ai.client.inference.usage.output_tokens",
+            unit="{token}",
+            description="The number of output (completion) tokens used.",
+        )
+        self.operation_input = histogram(
+            "gen_ai.client.inference.operation.input_tokens",
+            "{token}",
+            "Input tokens per inference operation.",
+        )
+        self.operation_output = histogram(
+            "gen_ai.client.inference.operation.output_tokens",
+            "{token}",
+            "Output tokens per inference operation.",
+        )
+        self.embeddings_input = histogram(
+            "gen_ai.client.embeddings.operation.input_tokens",
+            "{token}",
+            "Input tokens per embeddings operation.",
+        )
+
+    def record(
+        self, record: CallRecord, attrs: dict[str, AttributeValue], error_type: str | None
+    ) -> None:
+        """Record one finished call."""
+        timed = {**attrs, "error.type": error_type} if error_type else attrs
+        op = attrs["gen_ai.operation.name"]
+        if op in _INFERENCE_OPS:
+            self.inference_duration.record(record.duration_s, timed)
+            # The counters take every call, a failed one as 0, so rates line up with calls.
+            counted = {**attrs, "gen_ai.token.modality": _UNKNOWN_MODALITY}
+            self.usage_input.add(record.input_tokens or 0, counted)
+            self.usage_output.add(record.output_tokens or 0, counted)
+            if record.input_tokens is not None:
+                self.operation_input.record(record.input_tokens, attrs)
+            if record.output_tokens is not None:
+                self.operation_output.record(record.output_tokens, attrs)
+        elif op == "embeddings":
+            self.embeddings_duration.record(record.duration_s, timed)
+            if record.input_tokens is not None:
+                self.embeddings_input.record(record.input_tokens, attrs)
+            return
+        else:
+            if self.operation_duration is not None:
+                self.operation_duration.record(record.duration_s, timed)
+            return
+        if not record.stream:
+            return
+        if record.t_first_chunk_ns is not None:
+            ttfc = (record.t_first_chunk_ns - record.t_start_ns) / 1e9
+            self.time_to_first_chunk.record(ttfc, attrs)
+        for previous, current in itertools.pairwise(record.chunk_times_ns):
+            self.time_per_output_chunk.record((current - previous) / 1e9, attrs)
 
 
 def _input_messages(value: object) -> list[dict[str, Any]]:

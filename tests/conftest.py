@@ -42,6 +42,23 @@ def engine(request: pytest.FixtureRequest) -> Iterator[FakeEngine]:
         yield eng
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_default_ledger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point the per-user default ledger at a temp dir for the whole session (child processes
+    inherit it), so no test ever writes the developer's real ledger."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("XDG_DATA_HOME", "SHARED_OLLAMA_LEDGER")}
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg_data_home"))
+    os.environ.pop("SHARED_OLLAMA_LEDGER", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _clean_engine(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
@@ -138,3 +155,46 @@ def make_driver(mode: str) -> Any:
                 await asyncio.to_thread(client.close)
 
     return factory
+
+
+# -- PostgreSQL (tests/postgres_server.py) ------------------------------------------------------
+
+_POSTGRES_FIXTURES = frozenset({"postgres_server", "postgres_url", "postgres_db"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # tryfirst: the marker must be in place before `-m` deselects.
+    for item in items:
+        if set(getattr(item, "fixturenames", ())) & _POSTGRES_FIXTURES:
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A throwaway PostgreSQL server on 127.0.0.1 (skips, or fails under ``CI=true``)."""
+    from tests.realservers.fixtures import unavailable
+
+    try:
+        from tests.postgres_server import PostgresServer, PostgresUnavailable
+    except ImportError as exc:  # psycopg missing: the `postgres` extra is not installed
+        unavailable(f"PostgreSQL tests need psycopg: {exc}")
+    server = PostgresServer()
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        unavailable(f"PostgreSQL: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: Any) -> str:
+    """``postgresql://user:password@127.0.0.1:port/db``: one database for the session."""
+    return str(postgres_server.new_database("session"))
+
+
+@pytest.fixture
+def postgres_db(postgres_server: Any) -> str:
+    """The URL of a fresh, empty database for this test alone."""
+    return str(postgres_server.new_database())

@@ -1,11 +1,11 @@
-"""Per-project usage: the SQLite ledger, budgets, summaries and the ``usage`` command.
+"""Per-project usage: the ledger (SQLite or PostgreSQL), budgets, summaries, ``usage`` CLI.
 
 ``UsageTracker`` is what a client owns: a CallListener feeding a ``Ledger`` and a ``BudgetGate``.
 """
 
 from .budget import DEFAULT_PROJECT_KEY, BudgetGate
-from .ledger import MEMORY, Ledger, default_ledger_path
-from .query import GROUP_KEYS, GroupKey, SummaryRow, UsageRow, When, parse_when
+from .ledger import MEMORY, Ledger, LedgerStats, default_ledger_location, default_ledger_path
+from .query import GROUP_KEYS, GroupKey, Summary, SummaryRow, UsageRow, When, parse_when
 from .tracker import UsageTracker
 
 __all__ = [
@@ -15,10 +15,13 @@ __all__ = [
     "BudgetGate",
     "GroupKey",
     "Ledger",
+    "LedgerStats",
+    "Summary",
     "SummaryRow",
     "UsageRow",
     "UsageTracker",
     "When",
+    "default_ledger_location",
     "default_ledger_path",
     "parse_when",
 ]

@@ -1,20 +1,28 @@
 """Per-project budgets: sliding windows of requests and tokens, checked before a call is sent.
 
-Pure and in-process: every method takes ``now`` (monotonic seconds); one lock makes it
-thread-safe. Tokens are the servers' own counts, added when a call's record arrives.
+In-process by default: every method takes ``now`` (monotonic seconds); one lock makes it
+thread-safe. Tokens are the servers' own counts, added when a call's record arrives. With a
+``LimitStore`` (``usage.limits``: SQLite or PostgreSQL) the windows live in the store instead and
+hold across processes and hosts, with token reservations settled when each call ends.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..config import Budget
+from ..config import Budget, UsageConfig
 from ..errors import BudgetExceeded
 from ..records import CallRecord
+from .limits import Admission, LimitStore, limits_location, open_limits
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
 
 __all__ = ["DEFAULT_PROJECT_KEY", "BudgetGate"]
 
@@ -91,12 +99,40 @@ class BudgetGate:
     ``check`` raises ``BudgetExceeded`` when a limit is already used up; ``admit`` does the
     same and, when it passes, counts the request (atomically); ``commit`` adds a finished
     call's tokens. A budget under ``"*"`` applies to projects without their own.
+
+    With ``limits`` (a shared ``LimitStore``) the counts live there, read on the ``clock``
+    (wall-clock seconds, the same on every host), and ``admit`` also reserves the call's tokens
+    until ``commit`` settles them; without budgets nothing is done per call either way.
     """
 
-    def __init__(self, budgets: Mapping[str, Budget]) -> None:
+    def __init__(
+        self,
+        budgets: Mapping[str, Budget],
+        *,
+        limits: LimitStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._budgets = dict(budgets)
         self._windows: dict[str, _ProjectWindows] = {}
         self._lock = threading.Lock()
+        self.limits = limits
+        self._clock = clock
+        self._admitted: dict[str, Admission] = {}  # request id -> its open reservation
+
+    @classmethod
+    def for_usage(
+        cls, budgets: Mapping[str, Budget], usage: UsageConfig, ledger: Ledger | None = None
+    ) -> BudgetGate:
+        """Shared through the ledger's location (``usage.path``, else ``$SHARED_OLLAMA_LEDGER``,
+        else the per-user default) when there are budgets and a ledger that persists; else
+        in-process (no ledger, ``":memory:"``, or a default file that could not be opened).
+        Opens no connection yet."""
+        if not budgets or not usage.enabled or (ledger is not None and not ledger.persisted):
+            return cls(budgets)
+        location = limits_location(usage.path)
+        if ledger is not None and ledger.backend == "sqlite" and ledger.path:
+            location = limits_location(ledger.path)  # beside the file actually open
+        return cls(budgets, limits=open_limits(location) if location else None)
 
     def budget_for(self, project: str) -> Budget | None:
         """The budget that applies to ``project``, if any."""
@@ -107,13 +143,35 @@ class BudgetGate:
         budget = self.budget_for(project)
         if budget is None:
             return
+        if self.limits is not None:
+            self.limits.check(project, budget, self._clock())
+            return
         with self._lock:
             self._check(project, budget, self._windows_of(project), now)
 
-    def admit(self, project: str, now: float) -> None:
-        """``check``, then count one request against ``project`` (one call, not one attempt)."""
+    def admit(
+        self,
+        project: str,
+        now: float,
+        *,
+        request_id: str | None = None,
+        prompt_tokens: int = 0,
+        max_tokens: int | None = None,
+    ) -> None:
+        """``check``, then count one request against ``project`` (one call, not one attempt).
+
+        A shared store also reserves ``prompt_tokens`` plus ``max_tokens`` (or the budget's
+        ``reserve_tokens``), settled by the ``commit`` of the record with ``request_id``.
+        """
         budget = self.budget_for(project)
         if budget is None:
+            return
+        if self.limits is not None:
+            output = max_tokens if max_tokens is not None else budget.reserve_tokens
+            admission = self.limits.admit(project, budget, prompt_tokens + output, self._clock())
+            if request_id is not None and admission.reserved:
+                with self._lock:
+                    self._admitted[request_id] = admission
             return
         with self._lock:
             windows = self._windows_of(project)
@@ -124,8 +182,16 @@ class BudgetGate:
     def commit(self, record: CallRecord) -> None:
         """Count the tokens the server reported for a finished call (success or not)."""
         budget = self.budget_for(record.project)
+        if budget is None:
+            return
         tokens = (record.input_tokens or 0) + (record.output_tokens or 0)
-        if budget is None or tokens <= 0:
+        if self.limits is not None:
+            with self._lock:
+                admission = self._admitted.pop(record.request_id, None)
+            if admission is not None:
+                self.limits.settle(admission, tokens)
+            return
+        if tokens <= 0:
             return
         now = (record.t_end_ns or record.t_start_ns) / 1e9
         with self._lock:
@@ -136,7 +202,12 @@ class BudgetGate:
                 windows.tokens_day.add(now, tokens)
 
     def usage(self, project: str, now: float) -> dict[str, int]:
-        """What ``project`` has used in each window at ``now`` (for status displays)."""
+        """What ``project`` has used in each window at ``now`` (for status displays).
+
+        Shared: read from the store at the gate's clock, reservations in flight included.
+        """
+        if self.limits is not None:
+            return self.limits.usage(project, self._clock())
         with self._lock:
             windows = self._windows_of(project)
             return {
@@ -144,6 +215,15 @@ class BudgetGate:
                 "tokens_per_minute": int(windows.tokens_minute.used(now)),
                 "tokens_per_day": int(windows.tokens_day.used(now)),
             }
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every settlement so far reached the shared store; False on timeout."""
+        return True if self.limits is None else self.limits.flush(timeout)
+
+    def close(self) -> None:
+        """Apply pending settlements and close the shared store, if any (idempotent)."""
+        if self.limits is not None:
+            self.limits.close()
 
     def _windows_of(self, project: str) -> _ProjectWindows:
         windows = self._windows.get(project)

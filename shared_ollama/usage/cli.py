@@ -1,23 +1,27 @@
 """``python -m shared_ollama usage``: the ledger summary as a table, JSON or CSV.
 
-Opens the ledger read-only; never starts a writer.
+Opens the ledger read-only (a SQLite file or a PostgreSQL URL); never starts a writer and
+never prints a password.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from .ledger import default_ledger_path
-from .query import GROUP_KEYS, SummaryRow, query_summary
+from ..errors import ConfigError, LedgerUnavailable
+from .backends import is_url, redact
+from .ledger import default_ledger_location
+from .query import GROUP_KEYS, SQLITE, Dialect, SQLConnection, SummaryRow, query_summary
 
 __all__ = ["usage_main"]
 
@@ -38,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m shared_ollama usage",
         description="Summarise the usage ledger: requests, errors, tokens and latency per group.",
     )
-    p.add_argument("--ledger", metavar="PATH", help="ledger file (default: per-user data dir)")
+    p.add_argument(
+        "--ledger",
+        metavar="PATH|URL",
+        help="ledger file or postgresql:// URL (default: $SHARED_OLLAMA_LEDGER, else the "
+        "per-user data dir)",
+    )
     p.add_argument("--project", help="only this project")
     p.add_argument("--model", help="only this (logical) model")
     p.add_argument("--since", help="start: 30m, 1h, 7d, 2026-11-01, ISO datetime or epoch s")
@@ -62,13 +71,12 @@ def usage_main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help or a usage error: argparse already printed why
         return int(exc.code or 0)
     keys = [] if args.group_by.strip() == "none" else _split(args.group_by)
-    path = Path(args.ledger) if args.ledger else default_ledger_path()
-    if not path.exists():
-        print(f"no usage ledger at {path}", file=sys.stderr)
+    target = args.ledger or default_ledger_location()
+    if not is_url(target) and not Path(target).exists():
+        print(f"no usage ledger at {redact(target)}", file=sys.stderr)
         return 1
     try:
-        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5.0)
-        try:
+        with _open(target) as (conn, dialect):
             rows = query_summary(
                 conn,
                 now=time.time(),
@@ -77,14 +85,16 @@ def usage_main(argv: list[str] | None = None) -> int:
                 since=args.since,
                 until=args.until,
                 group_by=keys,
+                dialect=dialect,
             )
-        finally:
-            conn.close()
+    except (ConfigError, LedgerUnavailable) as exc:  # already redacted
+        print(str(exc), file=sys.stderr)
+        return 1
     except ValueError as exc:
         print(f"usage: {exc}", file=sys.stderr)
         return 2
     except sqlite3.Error as exc:
-        print(f"cannot read usage ledger {path}: {exc}", file=sys.stderr)
+        print(f"cannot read usage ledger {target}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps([_record(r, keys) for r in rows], indent=2))
@@ -93,6 +103,26 @@ def usage_main(argv: list[str] | None = None) -> int:
     else:
         _table(rows, keys)
     return 0
+
+
+@contextlib.contextmanager
+def _open(target: str) -> Iterator[tuple[SQLConnection, Dialect]]:
+    """A read-only connection to the ledger at ``target`` and its SQL dialect."""
+    if is_url(target):
+        from .postgres import PostgresBackend
+
+        backend = PostgresBackend(target, migrate=False)
+        try:
+            with backend.reading() as conn:
+                yield conn, backend.dialect
+        finally:
+            backend.close()
+        return
+    conn = sqlite3.connect(f"file:{quote(target)}?mode=ro", uri=True, timeout=5.0)
+    try:
+        yield conn, SQLITE
+    finally:
+        conn.close()
 
 
 def _split(value: str) -> list[str]:

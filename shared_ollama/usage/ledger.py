@@ -1,6 +1,7 @@
-"""The usage ledger: one SQLite row per CallRecord, written in batches by a background thread.
+"""The usage ledger: one row per CallRecord, written in batches by a background thread.
 
-Owns the file (WAL, migrations, busy retries), the writer thread and the read connection.
+Owns the writer thread, the bounded hand-off queue and the backend (an SQLite file by
+default, or PostgreSQL by URL; see ``backends``), and answers queries.
 """
 
 from __future__ import annotations
@@ -8,78 +9,90 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
 from ..errors import ConfigError
 from ..records import CallRecord
-from .query import SummaryRow, UsageRow, When, query_rows, query_summary
-from .schema import INSERT_SQL, SchemaTooNew, migrate, rows_for
+from .backends import MEMORY, LedgerBackend, SQLiteBackend, WriteBusy, open_backend, redact
+from .query import Summary, UsageRow, When, query_rows, query_summary
 
-__all__ = ["MEMORY", "Ledger", "default_ledger_path"]
+__all__ = [
+    "DEFAULT_MAX_QUEUE",
+    "MEMORY",
+    "Ledger",
+    "LedgerStats",
+    "default_ledger_location",
+    "default_ledger_path",
+]
 
 log = logging.getLogger("shared_ollama.usage")
 
-#: Path of a ledger that lives in this process only (tests, short scripts).
-MEMORY: Final = ":memory:"
-
+#: Records that may wait for the writer; past it new records are dropped and counted.
+DEFAULT_MAX_QUEUE: Final = 20_000
+_ENV = "SHARED_OLLAMA_LEDGER"
 _BUSY_RETRIES = 20
 _BUSY_BACKOFF_MAX_S = 1.0
+#: The writer's turns per flush interval: a record waits at most one turn before its batch
+#: starts, so a quarter interval leaves the rest of the promise for the write itself.
+_TURNS_PER_INTERVAL = 4
+#: Seconds between the writer's housekeeping (an SQLite WAL checkpoint).
+_MAINTAIN_EVERY_S = 30.0
+
+_degrade_warned = False
+
+
+def default_ledger_location() -> str:
+    """``$SHARED_OLLAMA_LEDGER`` (a path or a ``postgresql://`` URL), else the per-user file
+    (see ``default_ledger_path``)."""
+    if env := os.environ.get(_ENV):
+        return env if "://" in env else str(Path(env).expanduser())
+    return str(_per_user_path())
 
 
 def default_ledger_path() -> Path:
     """``$SHARED_OLLAMA_LEDGER``, else ``$XDG_DATA_HOME`` (or ``~/.local/share``)
     ``/shared_ollama/usage.sqlite3``."""
-    if env := os.environ.get("SHARED_OLLAMA_LEDGER"):
+    if env := os.environ.get(_ENV):
         return Path(env).expanduser()
+    return _per_user_path()
+
+
+def _per_user_path() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "shared_ollama" / "usage.sqlite3"
 
 
-def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
-    if path != MEMORY:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves; timeout= is SQLite's busy
-    # handler, which waits for another process's write lock without holding the GIL.
-    conn = sqlite3.connect(
-        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-    )
-    try:
-        _enable_wal(conn, busy_timeout_s)
-        # In WAL mode NORMAL is still crash-safe (no corruption); a power loss may drop the
-        # last transactions, a process crash does not.
-        conn.execute("PRAGMA synchronous = NORMAL")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+@dataclass(frozen=True)
+class LedgerStats:
+    """What a ledger did so far (this process only)."""
 
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc)
-    return "locked" in text or "busy" in text
-
-
-def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
-    # Switching a new file to WAL needs an exclusive lock and SQLite does not run the busy
-    # handler for it: when several processes create the ledger at once, retry here.
-    deadline = time.monotonic() + timeout_s
-    delay = 0.001
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc) or time.monotonic() >= deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    #: ``"sqlite"`` or ``"postgresql"`` (None when disabled).
+    backend: str | None
+    #: Where the rows go, safe to print (passwords are redacted).
+    location: str | None
+    #: False when the rows live in this process only.
+    persisted: bool
+    #: Records handed to the backend (duplicates included, as they are ignored there).
+    written: int
+    #: Records lost, all causes: ``overflowed + failed + after_close``.
+    dropped: int
+    #: Records refused because the queue was full (the oldest are kept).
+    overflowed: int
+    #: Records in batches that could not be written (logged).
+    failed: int
+    #: Records submitted after ``close()``.
+    after_close: int
+    #: Records waiting in the queue.
+    pending: int
+    #: The queue's bound.
+    max_queue: int
 
 
 class _Flush:
@@ -100,14 +113,13 @@ class _Writer:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
-        lock: threading.Lock,
+        backend: LedgerBackend,
         batch_size: int,
         flush_interval_s: float,
         epoch_offset_ns: int,
+        max_queue: int,
     ) -> None:
-        self.conn = conn
-        self.lock = lock
+        self.backend = backend
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         #: Wakes the writer before its timer: a full batch, a flush or a stop.
         self.nudge = threading.Event()
@@ -116,20 +128,46 @@ class _Writer:
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.epoch_offset_ns = epoch_offset_ns
+        self.max_queue = max_queue
         self.written = 0
-        self.dropped = 0
-        self.in_memory = False
+        #: Written by the writer thread only.
+        self.failed = 0
+        #: Written by submitting threads, under ``count_lock`` (a rare path).
+        self.overflowed = 0
+        self.after_close = 0
+        self.count_lock = threading.Lock()
+        self.overflowing = False
         self.thread = threading.Thread(target=self._run, name="shared_ollama-ledger", daemon=True)
         self.stopped = False
         self.stop_lock = threading.Lock()
 
+    @property
+    def dropped(self) -> int:
+        return self.overflowed + self.failed + self.after_close
+
+    def overflow(self) -> None:
+        """Count one record refused by a full queue; warn once per episode."""
+        with self.count_lock:
+            self.overflowed += 1
+            if self.overflowing:
+                return
+            self.overflowing = True
+        log.warning(
+            "usage ledger %s: queue full (%d records); new records are dropped and counted "
+            "until the writer catches up",
+            self.backend.location,
+            self.max_queue,
+        )
+
     def _run(self) -> None:
-        # The writer wakes on its own timer (every flush_interval_s) or when nudged (a full
-        # batch, a flush, a stop), never once per record: a put that woke a blocked get()
-        # handed the GIL to this thread on every call. A record waits at most one interval
-        # (plus the write) before it is committed: the crash-loss window is unchanged.
+        # The writer wakes on its own timer (a quarter of flush_interval_s) or when nudged (a
+        # full batch, a flush, a stop), never once per record: a put that woke a blocked
+        # get() handed the GIL to this thread on every call. A record waits at most one turn
+        # before its batch is written, so it is committed within the flush interval.
+        period = self.flush_interval_s / _TURNS_PER_INTERVAL
+        next_upkeep = time.monotonic() + _MAINTAIN_EVERY_S
         while True:
-            self.nudge.wait(self.flush_interval_s)
+            self.nudge.wait(period)
             self.nudge.clear()  # before draining: a later nudge is kept for the next turn
             self.turns += 1
             batch: list[CallRecord] = []
@@ -155,42 +193,41 @@ class _Writer:
                     marker.done.set()
             if _STOP in markers:
                 return
+            if time.monotonic() >= next_upkeep:
+                next_upkeep = time.monotonic() + _MAINTAIN_EVERY_S
+                self.backend.maintain()
 
     def _write(self, batch: list[CallRecord]) -> None:
         delay = 0.01
         for attempt in range(1, _BUSY_RETRIES + 1):
             try:
-                with self.lock:
-                    self._transaction(batch)
-            except sqlite3.OperationalError as exc:
-                if _is_busy(exc) and attempt < _BUSY_RETRIES:
-                    # busy_timeout already waited; another process holds the lock for long.
+                self.backend.write(batch, self.epoch_offset_ns)
+            except WriteBusy as exc:
+                if attempt < _BUSY_RETRIES:
+                    # The backend already waited (SQLite's busy handler); another process
+                    # holds the lock for long, or the server went away: back off, retry.
                     time.sleep(delay)
                     delay = min(delay * 2, _BUSY_BACKOFF_MAX_S)
                     continue
-                log.error("usage ledger: dropped %d records: %s", len(batch), exc)
-            except Exception:
-                log.exception("usage ledger: dropped %d records", len(batch))
+                reason = str(exc)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                # A full disk or a broken connection: make the next batch possible.
+                self.backend.recover()
             else:
                 self.written += len(batch)
+                if self.overflowing:
+                    with self.count_lock:
+                        self.overflowing = False
                 return
-            break
-        self.dropped += len(batch)
-
-    def _transaction(self, batch: list[CallRecord]) -> None:
-        conn = self.conn
-        # IMMEDIATE takes the write lock up front, so a busy database fails here (and is
-        # retried) instead of half-way through the batch.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Rows are made lazily: sqlite3 releases the GIL around each row's step, so
-            # the event loop thread gets the GIL between rows, not only between batches.
-            conn.executemany(INSERT_SQL, rows_for(batch, self.epoch_offset_ns))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            self.failed += len(batch)
+            log.error(
+                "usage ledger %s: dropped %d records: %s",
+                self.backend.location,
+                len(batch),
+                self.backend.scrub(reason),
+            )
+            return
 
     def stop(self) -> None:
         """Write what is queued, end the thread, close the connection (idempotent)."""
@@ -202,18 +239,23 @@ class _Writer:
         self.nudge.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join()
-        if not self.in_memory:  # an in-memory ledger stays readable until collected
-            with self.lock:
-                self.conn.close()
+        self.backend.close_writer()  # an in-memory ledger stays readable until collected
 
 
 class Ledger:
-    """SQLite usage ledger (WAL) with a batching background writer.
+    """Usage ledger with a batching background writer: SQLite (WAL) or PostgreSQL.
 
-    ``submit()`` only enqueues (safe on an event loop); ``flush()`` waits until everything
-    submitted before it is committed; ``close()`` flushes and stops the writer. Several
-    processes may share one file. ``path=None`` uses ``default_ledger_path()``, ``":memory:"``
-    keeps the ledger in this process; ``Ledger.disabled()`` records nothing at all.
+    ``submit()`` only enqueues (safe on an event loop, never blocks: past ``max_queue``
+    waiting records it drops new ones and counts them); ``flush()`` waits until everything
+    submitted before it is committed and says whether anything was lost; ``close()``
+    flushes and stops the writer. Several processes may share one file or database.
+
+    ``path``: a SQLite file, ``":memory:"`` (this process only), a ``postgresql://`` URL, or
+    None for ``default_ledger_location()``. When that default is the per-user file and it
+    cannot be opened (a read-only home, a locked-down account), the ledger keeps serving in
+    memory after one warning (``persisted`` is False); a location given explicitly (the
+    argument or ``$SHARED_OLLAMA_LEDGER``) that cannot be opened is a ``ConfigError``.
+    ``Ledger.disabled()`` records nothing at all.
     """
 
     def __init__(
@@ -224,35 +266,37 @@ class Ledger:
         flush_interval_s: float = 0.5,
         busy_timeout_s: float = 5.0,
         epoch_offset_ns: int | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         """Open (creating or migrating) the ledger and start its writer thread.
 
         ``epoch_offset_ns`` converts the records' monotonic ns to epoch ns; by default it is
         captured once here (``time.time_ns() - time.monotonic_ns()``).
         """
-        self._path: str | None = MEMORY if path == MEMORY else str(path or default_ledger_path())
-        self._busy_timeout_s = busy_timeout_s
+        explicit = path is not None or bool(os.environ.get(_ENV))
         self._offset = (
             time.time_ns() - time.monotonic_ns() if epoch_offset_ns is None else epoch_offset_ns
         )
         self._closed = False
         self._warned_closed = False
-        self._write_lock = threading.Lock()
-        self._read_lock = threading.Lock()
-        self._reader: sqlite3.Connection | None = None
+        self._report_lock = threading.Lock()
+        self._reported_dropped = 0
+        backend: LedgerBackend
         try:
-            conn = _connect(self._path, busy_timeout_s)
-            try:
-                migrate(conn)
-            except BaseException:
-                conn.close()
-                raise
-        except (sqlite3.Error, OSError, SchemaTooNew) as exc:
-            raise ConfigError(f"cannot open usage ledger {self._path}: {exc}") from exc
+            target = os.fspath(path) if path is not None else default_ledger_location()
+            backend = open_backend(target, busy_timeout_s=busy_timeout_s)
+        except (ConfigError, RuntimeError, OSError) as exc:
+            # RuntimeError/OSError: no home directory to find the default under.
+            if explicit:
+                if isinstance(exc, ConfigError):
+                    raise
+                raise ConfigError(f"cannot open usage ledger: {exc}") from exc
+            _warn_degraded(exc)
+            backend = SQLiteBackend(MEMORY, busy_timeout_s=busy_timeout_s)
+        self._backend: LedgerBackend | None = backend
         self._writer: _Writer | None = _Writer(
-            conn, self._write_lock, batch_size, flush_interval_s, self._offset
+            backend, batch_size, flush_interval_s, self._offset, max_queue
         )
-        self._writer.in_memory = self._path == MEMORY
         self._writer.thread.start()
         # Closes a forgotten ledger at garbage collection or interpreter exit, so that the
         # last batch is still written.
@@ -262,25 +306,37 @@ class Ledger:
     def disabled(cls) -> Ledger:
         """A ledger that records nothing (``UsageConfig(enabled=False)``)."""
         self = cls.__new__(cls)
-        self._path = None
+        self._backend = None
         self._closed = True
         self._warned_closed = True
         self._writer = None
-        self._reader = None
         self._offset = 0
-        self._read_lock = self._write_lock = threading.Lock()
+        self._report_lock = threading.Lock()
+        self._reported_dropped = 0
         self._finalizer = weakref.finalize(self, lambda: None)
         return self
 
     @property
     def path(self) -> str | None:
-        """The file (``":memory:"`` for an in-process ledger, None when disabled)."""
-        return self._path
+        """The file (``":memory:"`` for an in-process ledger, a URL without its password for
+        PostgreSQL, None when disabled)."""
+        return self._backend.location if self._backend else None
+
+    @property
+    def backend(self) -> str | None:
+        """``"sqlite"`` or ``"postgresql"`` (None when disabled)."""
+        return self._backend.kind if self._backend else None
 
     @property
     def enabled(self) -> bool:
         """False for ``Ledger.disabled()``."""
-        return self._path is not None
+        return self._backend is not None
+
+    @property
+    def persisted(self) -> bool:
+        """False when the rows live in this process only (``":memory:"``, a degraded
+        default, or disabled)."""
+        return self._backend.persistent if self._backend else False
 
     @property
     def epoch_offset_ns(self) -> int:
@@ -289,28 +345,50 @@ class Ledger:
 
     @property
     def written(self) -> int:
-        """Records handed to SQLite so far (duplicates included, as they are ignored there)."""
+        """Records handed to the backend so far (duplicates included, as they are ignored)."""
         return self._writer.written if self._writer else 0
 
     @property
     def dropped(self) -> int:
-        """Records lost to errors (logged) or submitted after ``close()``."""
+        """Records lost so far: queue overflow, failed writes (logged), submits after close."""
         return self._writer.dropped if self._writer else 0
 
+    def stats(self) -> LedgerStats:
+        """Counters of this ledger (this process only); never blocks."""
+        w = self._writer
+        return LedgerStats(
+            backend=self.backend,
+            location=self.path,
+            persisted=self.persisted,
+            written=w.written if w else 0,
+            dropped=w.dropped if w else 0,
+            overflowed=w.overflowed if w else 0,
+            failed=w.failed if w else 0,
+            after_close=w.after_close if w else 0,
+            pending=w.queue.qsize() if w else 0,
+            max_queue=w.max_queue if w else 0,
+        )
+
     def submit(self, record: CallRecord) -> None:
-        """Queue one record; never blocks on disk. The record must not change afterwards."""
+        """Queue one record; never blocks. The record must not change afterwards."""
         writer = self._writer
         if writer is None:
             return
         if self._closed:
-            writer.dropped += 1
+            with writer.count_lock:
+                writer.after_close += 1
             if not self._warned_closed:
                 self._warned_closed = True
-                log.warning("usage ledger %s is closed; records are dropped", self._path)
+                log.warning("usage ledger %s is closed; records are dropped", self.path)
+            return
+        pending = writer.queue.qsize()
+        if pending >= writer.max_queue:
+            # Keep the oldest: they are already in order and some may be in flight.
+            writer.overflow()
             return
         writer.queue.put(record)
         # Set once per full batch (is_set is a plain read): Event.set takes a lock each time.
-        if writer.queue.qsize() >= writer.batch_size and not writer.nudge.is_set():
+        if pending + 1 >= writer.batch_size and not writer.nudge.is_set():
             writer.nudge.set()
 
     __call__ = submit
@@ -318,25 +396,34 @@ class Ledger:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted before this call is committed.
 
-        Returns False if ``timeout`` seconds passed first. Blocks: from async code run it in a
-        thread (``await asyncio.to_thread(ledger.flush)``).
+        Returns True when it is and no record was dropped since the previous completed
+        ``flush()`` (overflow, a failed write, a submit after ``close()``); False on a
+        timeout or a loss (see ``dropped`` and ``stats()``). Blocks: from async code run it in
+        a thread (``await asyncio.to_thread(ledger.flush)``).
         """
+        if not self._wait(timeout):
+            return False  # the drops, if any, are reported by the next completed flush
+        with self._report_lock:
+            dropped = self.dropped
+            fresh = dropped - self._reported_dropped
+            self._reported_dropped = dropped
+        return fresh == 0
+
+    def _wait(self, timeout: float | None = None) -> bool:
         writer = self._writer
         if writer is None or self._closed:
             return True
         marker = _Flush()
-        writer.queue.put(marker)
+        writer.queue.put(marker)  # a marker is never refused: it carries no record
         writer.nudge.set()
         return marker.done.wait(timeout)
 
     def close(self) -> None:
-        """Flush, stop the writer thread and close the files (idempotent)."""
+        """Flush, stop the writer thread and close the connections (idempotent)."""
         self._closed = True
         self._finalizer()
-        with self._read_lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+        if self._backend is not None and self._backend.persistent:
+            self._backend.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -359,13 +446,14 @@ class Ledger:
         since: When | None = None,
         until: When | None = None,
         group_by: Sequence[str] = ("project", "model"),
-    ) -> list[SummaryRow]:
-        """Flush, then aggregate per group (see ``query.query_summary``)."""
-        if not self.enabled:
-            return []
-        self.flush()
-        with self._reading() as conn:
-            return query_summary(
+    ) -> Summary:
+        """Flush, then aggregate per group (see ``query.query_summary``); the result also
+        says whether the rows are persisted and how many records this process dropped."""
+        if self._backend is None:
+            return Summary(persisted=False)
+        self._wait()
+        with self._backend.reading() as conn:
+            rows = query_summary(
                 conn,
                 now=time.time(),
                 project=project,
@@ -373,7 +461,9 @@ class Ledger:
                 since=since,
                 until=until,
                 group_by=group_by,
+                dialect=self._backend.dialect,
             )
+        return Summary(rows, persisted=self.persisted, dropped=self.dropped)
 
     def rows(
         self,
@@ -385,10 +475,10 @@ class Ledger:
         limit: int | None = None,
     ) -> list[UsageRow]:
         """Flush, then the raw rows, oldest first."""
-        if not self.enabled:
+        if self._backend is None:
             return []
-        self.flush()
-        with self._reading() as conn:
+        self._wait()
+        with self._backend.reading() as conn:
             return query_rows(
                 conn,
                 now=time.time(),
@@ -397,45 +487,30 @@ class Ledger:
                 since=since,
                 until=until,
                 limit=limit,
+                dialect=self._backend.dialect,
             )
 
     def count(self) -> int:
         """Rows committed so far (does not flush)."""
-        if not self.enabled:
+        if self._backend is None:
             return 0
-        with self._reading() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
-
-    def _reading(self) -> _Reading:
-        if self._path == MEMORY:
-            # One in-memory database per connection: read through the writer's.
-            assert self._writer is not None
-            return _Reading(self._write_lock, self._writer.conn)
-        with self._read_lock:
-            if self._reader is None:
-                assert self._path is not None
-                self._reader = sqlite3.connect(
-                    self._path,
-                    timeout=self._busy_timeout_s,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
-            return _Reading(self._read_lock, self._reader)
+        with self._backend.reading() as conn:
+            return int(next(iter(conn.execute("SELECT COUNT(*) FROM calls")))[0])
 
     def __repr__(self) -> str:
-        return f"Ledger({self._path!r})"
+        return f"Ledger({self.path!r})"
 
 
-class _Reading:
-    """``with`` holds the lock guarding a shared connection and yields the connection."""
-
-    def __init__(self, lock: threading.Lock, conn: sqlite3.Connection) -> None:
-        self._lock = lock
-        self._conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._lock.acquire()
-        return self._conn
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+def _warn_degraded(exc: BaseException) -> None:
+    # Once per process: a service that builds many clients should not repeat it.
+    global _degrade_warned
+    if _degrade_warned:
+        return
+    _degrade_warned = True
+    log.warning(
+        "usage ledger: the default location cannot be opened (%s); usage is kept in memory "
+        "only and is lost at exit. Set usage.path or $%s to a writable file or a "
+        "postgresql:// URL to persist it.",
+        redact(str(exc)),
+        _ENV,
+    )

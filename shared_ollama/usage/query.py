@@ -1,16 +1,18 @@
 """Reading the ledger: typed rows, grouped summaries with percentiles, time windows.
 
-Functions over a ``sqlite3.Connection`` that take ``now`` (epoch seconds) as an argument.
+Functions over a DB-API connection (``sqlite3`` or ``psycopg``) and its ``Dialect``, that take
+``now`` (epoch seconds) as an argument. The SQL is written once; a dialect supplies only what
+differs (placeholders, UTC day/hour buckets), so both backends give identical summaries.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,7 +20,12 @@ from .schema import COLUMNS
 
 __all__ = [
     "GROUP_KEYS",
+    "POSTGRES",
+    "SQLITE",
+    "Dialect",
     "GroupKey",
+    "SQLConnection",
+    "Summary",
     "SummaryRow",
     "UsageRow",
     "When",
@@ -61,9 +68,50 @@ GROUP_KEYS: dict[str, str] = {
     "hour": "strftime('%Y-%m-%dT%H:00Z', ts, 'unixepoch')",
 }
 
+_UTC_PG = "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', "
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the SQL of two backends."""
+
+    name: str
+    #: Group key -> SQL expression.
+    group_keys: Mapping[str, str]
+    #: The driver's parameter placeholder (the SQL here is written with ``?``).
+    placeholder: str = "?"
+
+    def sql(self, text: str) -> str:
+        """``text`` with this dialect's placeholders."""
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+
+SQLITE = Dialect("sqlite", GROUP_KEYS)
+# COLLATE "C": group keys sort bytewise, as in SQLite, whatever the database's locale.
+POSTGRES = Dialect(
+    "postgresql",
+    {
+        **{k: f'{v} COLLATE "C"' for k, v in GROUP_KEYS.items()},
+        "day": _UTC_PG + "'YYYY-MM-DD')",
+        "hour": _UTC_PG + '\'YYYY-MM-DD"T"HH24":00Z"\')',
+    },
+    placeholder="%s",
+)
+
+
+class SQLConnection(Protocol):
+    """The part of a DB-API connection the queries use (``sqlite3`` and ``psycopg`` both)."""
+
+    def execute(self, sql: str, params: Any = ..., /) -> Any:
+        """Run one statement; the result iterates over rows."""
+        ...
+
+
 # Outcomes counted as errors; "cancelled" is the caller's own doing, not a failure.
 _ERROR_OUTCOMES = "('error', 'interrupted')"
-_PERCENTILES = (("p50_ms", 0.50), ("p95_ms", 0.95))
+#: Percentiles as whole percents: ranks are found with integer arithmetic, which both SQL
+#: dialects and Python agree on (a float CAST rounds in PostgreSQL and truncates in SQLite).
+_PERCENTILES = (("p50_ms", 50), ("p95_ms", 95))
 
 
 class UsageRow(BaseModel):
@@ -102,6 +150,10 @@ class UsageRow(BaseModel):
     #: All server timings as reported (see ``types.ServerTimings``).
     server_timings: dict[str, float]
     tags: dict[str, str]
+    #: Prompt tokens the server served from its cache (NULL if not reported).
+    cached_tokens: int | None = None
+    #: Why the router chose the endpoint (see ``records.CallRecord.routing``).
+    route_reason: str | None = None
 
 
 class SummaryRow(BaseModel):
@@ -136,6 +188,31 @@ class SummaryRow(BaseModel):
     p95_ms: float | None = None
     #: Mean time to first chunk / first byte, over calls that got one.
     mean_ttft_ms: float | None
+
+
+class Summary(list[SummaryRow]):
+    """The rows of a summary (a list, as before), plus whether the ledger kept every record.
+
+    ``persisted`` is False when the ledger lives in memory only (``":memory:"``, or the
+    default location could not be opened); ``dropped`` counts the records this process's
+    ledger lost (queue overflow, failed writes, submits after ``close()``), which the rows
+    therefore undercount.
+    """
+
+    def __init__(
+        self, rows: Iterable[SummaryRow] = (), *, persisted: bool = True, dropped: int = 0
+    ) -> None:
+        super().__init__(rows)
+        self.persisted = persisted
+        self.dropped = dropped
+
+    @property
+    def complete(self) -> bool:
+        """True when no record of this process was dropped."""
+        return self.dropped == 0
+
+    def __repr__(self) -> str:
+        return f"Summary({list(self)!r}, persisted={self.persisted}, dropped={self.dropped})"
 
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -199,7 +276,7 @@ def _check_keys(group_by: Sequence[str]) -> list[str]:
 
 
 def query_summary(
-    conn: sqlite3.Connection,
+    conn: SQLConnection,
     *,
     now: float,
     project: str | None = None,
@@ -207,36 +284,40 @@ def query_summary(
     since: When | None = None,
     until: When | None = None,
     group_by: Sequence[str] = ("project", "model"),
+    dialect: Dialect = SQLITE,
 ) -> list[SummaryRow]:
     """Aggregates per group, ordered by the group keys; no matching call: no row."""
     keys = _check_keys(group_by)
     where, params = _where(project, model, parse_when(since, now), parse_when(until, now))
-    key_sql = [f"{GROUP_KEYS[k]} AS k{i}" for i, k in enumerate(keys)]
+    key_sql = [f"{dialect.group_keys[k]} AS k{i}" for i, k in enumerate(keys)]
     key_refs = ", ".join(f"k{i}" for i in range(len(keys)))
-    group = f" GROUP BY {key_refs} ORDER BY {key_refs}" if keys else ""
+    # NULLs sort first in SQLite and last in PostgreSQL: say it, so both order alike.
+    order = ", ".join(f"k{i} NULLS FIRST" for i in range(len(keys)))
+    group = f" GROUP BY {key_refs} ORDER BY {order}" if keys else ""
+    # CASE instead of summing booleans or a two-argument MAX: portable between dialects.
     aggregate = (
         f"SELECT {''.join(s + ', ' for s in key_sql)}COUNT(*), "
-        f"COALESCE(SUM(outcome IN {_ERROR_OUTCOMES}), 0), "
-        "COALESCE(SUM(MAX(attempts - 1, 0)), 0), "
+        f"COALESCE(SUM(CASE WHEN outcome IN {_ERROR_OUTCOMES} THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END), 0), "
         "COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), AVG(ttft_ms) "
         f"FROM calls{where}{group}"
     )
-    percentiles = _percentiles(conn, keys, key_sql, key_refs, where, params)
+    percentiles = _percentiles(conn, dialect, keys, key_sql, key_refs, where, params)
     out: list[SummaryRow] = []
     n = len(keys)
-    for row in conn.execute(aggregate, params):
+    for row in conn.execute(dialect.sql(aggregate), params):
         if row[n] == 0:  # an ungrouped aggregate over nothing
             continue
         key = tuple(row[:n])
         out.append(
             SummaryRow(
                 **dict(zip(keys, key, strict=True)),
-                requests=row[n],
-                errors=row[n + 1],
-                retries=row[n + 2],
-                input_tokens=row[n + 3],
-                output_tokens=row[n + 4],
-                mean_ttft_ms=row[n + 5],
+                requests=int(row[n]),
+                errors=int(row[n + 1]),
+                retries=int(row[n + 2]),
+                input_tokens=int(row[n + 3]),
+                output_tokens=int(row[n + 4]),
+                mean_ttft_ms=None if row[n + 5] is None else float(row[n + 5]),
                 **percentiles.get(key, {}),
             )
         )
@@ -244,7 +325,8 @@ def query_summary(
 
 
 def _percentiles(
-    conn: sqlite3.Connection,
+    conn: SQLConnection,
+    dialect: Dialect,
     keys: list[str],
     key_sql: list[str],
     key_refs: str,
@@ -255,8 +337,7 @@ def _percentiles(
     # in C) and hand back only the rows at the ranks needed, then interpolate here.
     partition = f"PARTITION BY {key_refs} " if keys else ""
     ranks = " OR ".join(
-        f"i = CAST((n - 1) * {p!r} AS INTEGER) OR i = CAST((n - 1) * {p!r} AS INTEGER) + 1"
-        for _, p in _PERCENTILES
+        f"i = ((n - 1) * {p}) / 100 OR i = ((n - 1) * {p}) / 100 + 1" for _, p in _PERCENTILES
     )
     ok = "outcome = 'ok'"
     filt = f"{where} AND {ok}" if where else f" WHERE {ok}"
@@ -269,9 +350,9 @@ def _percentiles(
     )
     found: dict[tuple[Any, ...], tuple[int, dict[int, float]]] = {}
     n_keys = len(keys)
-    for row in conn.execute(sql, params):
+    for row in conn.execute(dialect.sql(sql), params):
         key = tuple(row[:n_keys])
-        i, count, d = row[n_keys], row[n_keys + 1], row[n_keys + 2]
+        i, count, d = int(row[n_keys]), int(row[n_keys + 1]), float(row[n_keys + 2])
         found.setdefault(key, (count, {}))[1][i] = d
     result: dict[tuple[Any, ...], dict[str, float]] = {}
     for key, (count, values) in found.items():
@@ -279,16 +360,15 @@ def _percentiles(
     return result
 
 
-def _interpolate(values: dict[int, float], n: int, p: float) -> float:
-    pos = (n - 1) * p
-    lo = int(pos)
+def _interpolate(values: dict[int, float], n: int, percent: int) -> float:
+    lo = (n - 1) * percent // 100  # the rank the SQL picked
     if lo + 1 >= n:
         return values[lo]
-    return values[lo] + (values[lo + 1] - values[lo]) * (pos - lo)
+    return values[lo] + (values[lo + 1] - values[lo]) * ((n - 1) * percent / 100 - lo)
 
 
 def query_rows(
-    conn: sqlite3.Connection,
+    conn: SQLConnection,
     *,
     now: float,
     project: str | None = None,
@@ -296,6 +376,7 @@ def query_rows(
     since: When | None = None,
     until: When | None = None,
     limit: int | None = None,
+    dialect: Dialect = SQLITE,
 ) -> list[UsageRow]:
     """Raw rows, oldest first."""
     where, params = _where(project, model, parse_when(since, now), parse_when(until, now))
@@ -304,7 +385,7 @@ def query_rows(
         sql += " LIMIT ?"
         params.append(limit)
     out: list[UsageRow] = []
-    for row in conn.execute(sql, params):
+    for row in conn.execute(dialect.sql(sql), params):
         data = dict(zip(COLUMNS, row, strict=True))
         data["stream"] = bool(data["stream"])
         data["server_timings"] = json.loads(data["server_timings"] or "{}")

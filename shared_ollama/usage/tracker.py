@@ -13,7 +13,7 @@ from ..config import Budget, UsageConfig
 from ..records import CallRecord
 from .budget import BudgetGate
 from .ledger import Ledger
-from .query import SummaryRow, UsageRow, When
+from .query import Summary, UsageRow, When
 
 __all__ = ["UsageTracker"]
 
@@ -36,24 +36,37 @@ class UsageTracker:
                     config.path,
                     batch_size=config.batch_size,
                     flush_interval_s=config.flush_interval_s,
+                    max_queue=config.max_queue,
                 )
                 if config.enabled
                 else Ledger.disabled()
             )
         self.ledger = ledger
-        self.gate = BudgetGate(budgets or {})
+        # Shared across processes through the ledger's location (see usage.limits).
+        self.gate = BudgetGate.for_usage(budgets or {}, config, ledger)
 
     def __call__(self, record: CallRecord) -> None:
         """Record a finished call: queue its ledger row, count its tokens. Never blocks."""
         self.ledger.submit(record)
         self.gate.commit(record)
 
-    def check(self, project: str, now: float) -> None:
+    def check(
+        self,
+        project: str,
+        now: float,
+        *,
+        request_id: str | None = None,
+        prompt_tokens: int = 0,
+        max_tokens: int | None = None,
+    ) -> None:
         """Admit one call of ``project`` at ``now`` (monotonic s) or raise ``BudgetExceeded``.
 
-        Counts the request when it passes: call it once per call, before sending.
+        Counts the request when it passes: call it once per call, before sending. A shared
+        budget also reserves the call's tokens until the record with ``request_id`` arrives.
         """
-        self.gate.admit(project, now)
+        self.gate.admit(
+            project, now, request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens
+        )
 
     def summary(
         self,
@@ -63,8 +76,11 @@ class UsageTracker:
         since: When | None = None,
         until: When | None = None,
         group_by: Sequence[str] = ("project", "model"),
-    ) -> list[SummaryRow]:
-        """Requests, errors, tokens and latency per group; flushes first (blocks on disk)."""
+    ) -> Summary:
+        """Requests, errors, tokens and latency per group; flushes first (blocks on disk).
+
+        A list of ``SummaryRow``; ``.persisted`` and ``.dropped`` say whether it is complete.
+        """
         return self.ledger.summary(
             project=project, model=model, since=since, until=until, group_by=group_by
         )
@@ -77,7 +93,7 @@ class UsageTracker:
         since: When | None = None,
         until: When | None = None,
         group_by: Sequence[str] = ("project", "model"),
-    ) -> list[SummaryRow]:
+    ) -> Summary:
         """``summary`` off the event loop."""
         return await asyncio.to_thread(
             self.summary,
@@ -101,7 +117,8 @@ class UsageTracker:
         return self.ledger.rows(project=project, model=model, since=since, until=until, limit=limit)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every record so far is in the ledger; False on timeout."""
+        """Wait until every record so far is in the ledger; False on timeout, or when records
+        were dropped since the previous flush (see ``Ledger.flush``)."""
         return self.ledger.flush(timeout)
 
     async def aflush(self) -> bool:
@@ -109,12 +126,13 @@ class UsageTracker:
         return await asyncio.to_thread(self.ledger.flush)
 
     def close(self) -> None:
-        """Flush and close the ledger (idempotent)."""
+        """Flush and close the ledger and the shared budgets (idempotent)."""
         self.ledger.close()
+        self.gate.close()
 
     async def aclose(self) -> None:
         """``close`` off the event loop."""
-        await asyncio.to_thread(self.ledger.close)
+        await asyncio.to_thread(self.close)
 
     def __enter__(self) -> UsageTracker:
         return self
