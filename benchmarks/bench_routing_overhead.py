@@ -59,6 +59,9 @@ async def main(calls: int, rounds: int) -> None:
             httpx.AsyncClient(base_url=urls[0]) as raw,
             SharedClient(endpoints=[Endpoint(urls[0], kind="ollama")], **quiet) as one,
             SharedClient(endpoints=[Endpoint(u, kind="ollama") for u in urls], **quiet) as pool,
+            SharedClient(
+                endpoints=[Endpoint(u, kind="ollama") for u in urls], strategy="affinity", **quiet
+            ) as sticky,
         ):
             variants: dict[str, Callable[[], Awaitable[object]]] = {
                 "direct httpx POST": lambda: raw.post("/api/generate", json=BODY),
@@ -67,6 +70,9 @@ async def main(calls: int, rounds: int) -> None:
                 ),
                 "SharedClient, pool of 4": lambda: pool.generate(
                     model=MODEL, prompt="one two three", options={"num_predict": 4}
+                ),
+                "pool of 4, affinity": lambda: sticky.generate(
+                    model=MODEL, prompt="one two three", options={"num_predict": 4}, session="s"
                 ),
             }
             samples: dict[str, list[float]] = {k: [] for k in variants}

@@ -24,6 +24,8 @@ from .compat import (
 )
 from .compat import list as list
 from .config import (
+    AdaptivePolicy,
+    AdmissionPolicy,
     BreakerPolicy,
     Budget,
     Endpoint,
@@ -31,6 +33,8 @@ from .config import (
     Limits,
     PoolConfig,
     RetryPolicy,
+    ScrapePolicy,
+    ServiceClass,
     Timeouts,
     UsageConfig,
     load_config,
@@ -38,6 +42,7 @@ from .config import (
 from .errors import (
     AuthError,
     BudgetExceeded,
+    BudgetUnavailable,
     CircuitOpen,
     ClientClosed,
     ConfigError,
@@ -58,7 +63,7 @@ from .errors import (
     Timeout,
 )
 from .pool import EndpointStatus
-from .records import AttemptRecord, CallListener, CallRecord, PoolEvent
+from .records import AttemptRecord, CallListener, CallRecord, PoolEvent, RoutingDecision
 from .types import (
     ChatChunk,
     ChatResponse,
@@ -86,11 +91,14 @@ __all__ = [
     "NOT_GIVEN",
     "AsyncClient",
     "Client",
+    "AdaptivePolicy",
+    "AdmissionPolicy",
     "AttemptRecord",
     "AuthError",
     "BreakerPolicy",
     "Budget",
     "BudgetExceeded",
+    "BudgetUnavailable",
     "CallListener",
     "CallRecord",
     "ChatChunk",
@@ -127,9 +135,12 @@ __all__ = [
     "RequestError",
     "ResponseError",
     "RetryPolicy",
+    "RoutingDecision",
     "RunningModel",
+    "ScrapePolicy",
     "ServerError",
     "ServerTimings",
+    "ServiceClass",
     "SharedClient",
     "SharedOllamaError",
     "ShowResponse",

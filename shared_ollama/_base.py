@@ -13,14 +13,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Any, Final, Generic, Literal, Self, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Self, TypeAlias, TypeVar
 
 from ._core import steps
 from ._core.plan import CallPlan, RetryBudget
 from ._core.requests import Op
-from ._core.steps import Steps
+from ._core.steps import Gather, Steps
 from ._transport import Connection
 from .config import (
+    AdaptivePolicy,
+    AdmissionPolicy,
     BreakerPolicy,
     Budget,
     Endpoint,
@@ -28,13 +30,14 @@ from .config import (
     Limits,
     PoolConfig,
     RetryPolicy,
+    Strategy,
     Timeouts,
     UsageConfig,
     load_config,
     ollama_endpoints,
 )
 from .errors import ClientClosed, ConfigError, InvalidRequest, NotSupported, SharedOllamaError
-from .pool import EndpointState, EndpointStatus, Pool
+from .pool import EndpointState, EndpointStatus, Pool, RouteRequest
 from .protocols import ListedModel, Parsed, Piece, WireRequest
 from .records import CallListener, CallRecord
 from .telemetry import CallSpan, Telemetry
@@ -106,7 +109,7 @@ class BaseClient(Generic[TransportT]):
         *,
         project: str | None = None,
         config: PoolConfig | None = None,
-        strategy: Literal["least_loaded", "round_robin", "weighted", "priority"] | None = None,
+        strategy: Strategy | None = None,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
         timeouts: Timeouts | None = None,
@@ -114,6 +117,8 @@ class BaseClient(Generic[TransportT]):
         health: HealthPolicy | None = None,
         usage: UsageConfig | bool | None = None,
         budgets: Mapping[str, Budget] | None = None,
+        admission: AdmissionPolicy | None = None,
+        adaptive: AdaptivePolicy | None = None,
         listeners: Sequence[CallListener] = (),
         telemetry: Telemetry | None = None,
         transport: TransportT | None = None,
@@ -136,6 +141,8 @@ class BaseClient(Generic[TransportT]):
             ("limits", limits),
             ("health", health),
             ("budgets", dict(budgets) if budgets is not None else None),
+            ("admission", admission),
+            ("adaptive", adaptive),
         ):
             if value is not None:
                 updates[key] = value
@@ -164,6 +171,11 @@ class BaseClient(Generic[TransportT]):
         self._budget = RetryBudget(cfg.retry)
         self._listeners: list[CallListener] = list(listeners)
         self.usage = UsageTracker(cfg.usage, cfg.budgets)
+        if cfg.usage.prometheus_port is not None:  # imported here: prometheus-client is extra
+            from .usage.prometheus import exporter
+
+            port, addr = cfg.usage.prometheus_port, cfg.usage.prometheus_addr
+            self._listeners.append(exporter(port, addr)[0])
         self._telemetry = telemetry or Telemetry()
         self._telemetry.observe_pool(self._status_dicts)
         self._closed = False
@@ -251,12 +263,18 @@ class BaseClient(Generic[TransportT]):
         timeout: float | NotGiven | None,
         tags: Mapping[str, str] | None,
         content: object = None,
+        op: Op[Any] | None = None,
     ) -> tuple[CallPlan, CallSpan]:
         if self._closed or self._closing:
             raise ClientClosed("client is closed", model=model)
         project = project or self.project
         now = time.monotonic()
-        self.usage.check(project, now)
+        request_id = new_request_id()
+        if op is None:
+            self.usage.check(project, now, request_id=request_id)
+        else:
+            self.usage.check(project, now, request_id=request_id,
+                             prompt_tokens=op.prompt_tokens, max_tokens=op.max_tokens)  # fmt: skip
         total = self.config.timeouts.total_s if isinstance(timeout, NotGiven) else timeout
         plan = CallPlan(
             pool=self._pool,
@@ -267,12 +285,15 @@ class BaseClient(Generic[TransportT]):
             model=model,
             stream=stream,
             project=project,
-            request_id=new_request_id(),
+            request_id=request_id,
             now=now,
             now_ns=time.monotonic_ns(),
             total_timeout=total,
             tags=tags,
             limits=self.config.limits,
+            session=None if op is None else op.session,
+            service_class=None if op is None else op.service_class,
+            route=None if op is None else op_route(op),
         )
         span = self._telemetry.start(operation, model, project, stream)
         span.set_input(content)
@@ -284,7 +305,7 @@ class BaseClient(Generic[TransportT]):
                  tags: Mapping[str, str] | None) -> Steps[tuple[T, CallRecord]]:  # fmt: skip
         """A routed non-stream call, accounted: its result and its finished record."""
         plan, span = self._plan(op.operation, op.model, stream=False, project=project,
-                                timeout=timeout, tags=tags, content=op.content)  # fmt: skip
+                                timeout=timeout, tags=tags, content=op.content, op=op)  # fmt: skip
         body = steps.call(plan, op, span.headers(), self.config.hedging)
         return self._accounted(plan, span, body if self._started else self._first(body))
 
@@ -295,7 +316,7 @@ class BaseClient(Generic[TransportT]):
         if not self._started:
             yield from self._lazy_start()
         plan, span = self._plan(op.operation, op.model, stream=True, project=project,
-                                timeout=timeout, tags=tags, content=op.content)  # fmt: skip
+                                timeout=timeout, tags=tags, content=op.content, op=op)  # fmt: skip
         yield from self._accounted(plan, span, steps.stream(plan, op, span.headers(), make))
 
     def _listing(
@@ -372,8 +393,15 @@ class BaseClient(Generic[TransportT]):
         return steps.probe_all(endpoints, self.project, health.timeout_s, True, health.enabled)
 
     def _health_steps(self) -> Steps[None]:
-        return steps.health_loop(self._pool.endpoints, self.project, self.config.health,
-                                 self._pool.rng)  # fmt: skip
+        """Health probes, and beside them the load scrapes (``config.scrape``)."""
+        cfg = self.config
+        eps = self._pool.endpoints
+        health = steps.health_loop(eps, self.project, cfg.health, self._pool.rng)
+        if not cfg.scrape.enabled:
+            return health
+        scrapes = steps.scrape_loop(eps, self.project, cfg.scrape, cfg.health.timeout_s,
+                                    cfg.limits)  # fmt: skip
+        return _together(health, scrapes)
 
     @staticmethod
     def _show_response(model: str, record: CallRecord, fields: dict[str, Any]) -> ShowResponse:
@@ -450,6 +478,15 @@ class BaseClient(Generic[TransportT]):
     def __repr__(self) -> str:
         eps = ", ".join(e.display_name for e in self.config.endpoints)
         return f"{type(self).__name__}(project={self.project!r}, endpoints=[{eps}])"
+
+
+def _together(*loops: Steps[None]) -> Steps[None]:
+    yield Gather(list(loops))
+
+
+def op_route(op: Op[Any]) -> RouteRequest:
+    """What the router is told of ``op``."""
+    return RouteRequest(op.model, op.operation, op.route_key, op.prompt_tokens, op.max_tokens)
 
 
 def _progress(url: str, obj: dict[str, Any]) -> ProgressResponse:

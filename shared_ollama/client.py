@@ -489,6 +489,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> ChatResponse: ...
     @overload
     async def chat(
@@ -505,6 +507,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> AsyncIterator[ChatChunk]: ...
     async def chat(
         self,
@@ -520,8 +524,14 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> ChatResponse | AsyncIterator[ChatChunk]:
-        """Chat with ``model``; ``stream=True`` returns an async iterator of chunks."""
+        """Chat with ``model``; ``stream=True`` returns an async iterator of chunks.
+
+        ``session`` is the routing key for ``strategy="affinity"`` (docs/routing.md; only its
+        hash is recorded); ``service_class`` names the call's admission class.
+        """
         op = chat_op(
             model,
             messages,
@@ -531,6 +541,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             format=format,
             options=options,
             keep_alive=keep_alive,
+            session=session,
+            service_class=service_class,
         )
         if stream:
             return self._iterate(self._streaming(op, CHUNKS["chat"], project, timeout, tags))
@@ -557,6 +569,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> GenerateResponse: ...
     @overload
     async def generate(
@@ -578,6 +592,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> AsyncIterator[GenerateChunk]: ...
     async def generate(
         self,
@@ -598,8 +614,14 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> GenerateResponse | AsyncIterator[GenerateChunk]:
-        """Complete ``prompt``; ``stream=True`` returns an async iterator of chunks."""
+        """Complete ``prompt``; ``stream=True`` returns an async iterator of chunks.
+
+        ``session`` is the routing key for ``strategy="affinity"`` (docs/routing.md; only its
+        hash is recorded); ``service_class`` names the call's admission class.
+        """
         op = generate_op(
             model,
             prompt,
@@ -614,6 +636,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
             images=images,
             options=options,
             keep_alive=keep_alive,
+            session=session,
+            service_class=service_class,
         )
         if stream:
             chunks = CHUNKS["generate"]
@@ -1096,6 +1120,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> ChatResponse: ...
     @overload
     def chat(
@@ -1112,6 +1138,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> Iterator[ChatChunk]: ...
     def chat(
         self,
@@ -1127,8 +1155,14 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> ChatResponse | Iterator[ChatChunk]:
-        """Chat with ``model``; ``stream=True`` returns an iterator of chunks."""
+        """Chat with ``model``; ``stream=True`` returns an iterator of chunks.
+
+        ``session`` is the routing key for ``strategy="affinity"`` (docs/routing.md; only its
+        hash is recorded); ``service_class`` names the call's admission class.
+        """
         op = chat_op(
             model,
             messages,
@@ -1138,6 +1172,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             format=format,
             options=options,
             keep_alive=keep_alive,
+            session=session,
+            service_class=service_class,
         )
         if stream:
             return self._iterate(self._streaming(op, CHUNKS["chat"], project, timeout, tags))
@@ -1164,6 +1200,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> GenerateResponse: ...
     @overload
     def generate(
@@ -1185,6 +1223,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> Iterator[GenerateChunk]: ...
     def generate(
         self,
@@ -1205,8 +1245,14 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         project: str | None = None,
         timeout: float | NotGiven | None = NOT_GIVEN,
         tags: Mapping[str, str] | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
     ) -> GenerateResponse | Iterator[GenerateChunk]:
-        """Complete ``prompt``; ``stream=True`` returns an iterator of chunks."""
+        """Complete ``prompt``; ``stream=True`` returns an iterator of chunks.
+
+        ``session`` is the routing key for ``strategy="affinity"`` (docs/routing.md; only its
+        hash is recorded); ``service_class`` names the call's admission class.
+        """
         op = generate_op(
             model,
             prompt,
@@ -1221,6 +1267,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             images=images,
             options=options,
             keep_alive=keep_alive,
+            session=session,
+            service_class=service_class,
         )
         if stream:
             chunks = CHUNKS["generate"]

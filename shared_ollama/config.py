@@ -10,14 +10,24 @@ import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, Self, TypeAlias
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
 __all__ = [
+    "AdaptivePolicy",
+    "AdmissionPolicy",
     "BreakerPolicy",
     "Budget",
     "Endpoint",
@@ -26,13 +36,15 @@ __all__ = [
     "Limits",
     "PoolConfig",
     "RetryPolicy",
+    "ScrapePolicy",
+    "ServiceClass",
     "Timeouts",
     "UsageConfig",
     "load_config",
 ]
 
 EndpointKind: TypeAlias = Literal["ollama", "openai", "tgi", "auto"]
-Strategy: TypeAlias = Literal["least_loaded", "round_robin", "weighted", "priority"]
+Strategy: TypeAlias = Literal["least_loaded", "round_robin", "weighted", "priority", "affinity"]
 
 
 class Endpoint(BaseModel):
@@ -53,8 +65,9 @@ class Endpoint(BaseModel):
     weight: float = Field(default=1.0, gt=0)
     priority: int = 0
     #: Most concurrent calls this library sends here (e.g. Ollama's OLLAMA_NUM_PARALLEL);
-    #: beyond it calls go elsewhere or wait. None: no cap.
-    max_in_flight: int | None = Field(default=None, ge=1)
+    #: beyond it calls go elsewhere or wait. None: no cap; ``"adaptive"``: a limit learned
+    #: from first-chunk latency within ``PoolConfig.adaptive``'s bounds (docs/admission.md).
+    max_in_flight: Annotated[int, Field(ge=1)] | Literal["adaptive"] | None = None
     #: Connections to this endpoint at most (httpx pools of 4, see ``_transport``).
     max_connections: int = Field(default=64, ge=1)
     #: Idle connections kept open; None: all of them (closed after 5 s idle).
@@ -163,7 +176,8 @@ class Timeouts(BaseModel):
     #: How long a call waits for a pool where no endpoint can take it (all down, breakers
     #: open, protocol not detected, backing off on Retry-After) before ``NoEndpointAvailable``;
     #: never longer than ``total_s``. Waiting for a free slot on a saturated endpoint
-    #: (``max_in_flight``) is queueing, bounded by ``total_s`` alone.
+    #: (``max_in_flight``) is queueing, bounded by ``total_s`` (and the service class's
+    #: ``max_wait_s``, see ``AdmissionPolicy``).
     no_endpoint_s: float = Field(default=10.0, ge=0)
 
 
@@ -194,14 +208,34 @@ class HealthPolicy(BaseModel):
     models_refresh_s: float = Field(default=60.0, gt=0)
 
 
+class ScrapePolicy(BaseModel):
+    """Reading each server's own load (vLLM/llama.cpp ``/metrics``, llama.cpp ``/slots``,
+    Ollama ``/api/ps``) into the load signal the router uses."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Off: the load signal is this client's own in-flight calls and tokens only.
+    enabled: bool = True
+    interval_s: float = Field(default=5.0, gt=0)
+    #: Other clients' load read from a server counts exp(-age / tau_s): a stale count fades.
+    tau_s: float = Field(default=10.0, gt=0)
+
+
 class Budget(BaseModel):
-    """Per-project limits, enforced in-process before a call is sent."""
+    """Per-project limits, checked before a call is sent.
+
+    Shared by every process using the same ledger location when usage is enabled (a SQLite
+    file: one host; a ``postgresql://`` URL: every host), else in-process (``usage.limits``).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_day: int | None = Field(default=None, ge=1)
+    #: Shared token budgets: the output tokens reserved at admission for a call that sets no
+    #: ``max_tokens``/``num_predict`` (added to its prompt's estimate; settled when it ends).
+    reserve_tokens: int = Field(default=1024, ge=0)
 
 
 class UsageConfig(BaseModel):
@@ -210,10 +244,112 @@ class UsageConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    #: SQLite file; None: the per-user default (see ``usage.ledger.default_path``).
+    #: SQLite file, ``":memory:"`` or a ``postgresql://`` URL (needs the ``postgres``
+    #: extra); None: ``$SHARED_OLLAMA_LEDGER``, else the per-user file, which degrades to
+    #: memory with a warning when it cannot be opened (see ``usage.ledger.Ledger``).
     path: str | None = None
     batch_size: int = Field(default=500, ge=1)
+    #: A finished call is committed within this; a crash loses at most the calls finished
+    #: in the last ``flush_interval_s`` + 0.1 s (see docs/usage_and_telemetry.md).
     flush_interval_s: float = Field(default=0.5, gt=0)
+    #: Records that may wait for the writer; past it new ones are dropped and counted
+    #: (``flush()`` returns False, ``summary().dropped``), calls are never blocked.
+    max_queue: int = Field(default=20_000, ge=1)
+    #: Serve this process's per-project usage on ``/metrics`` for Prometheus (None: off;
+    #: 0: any free port); independent of ``enabled``. See ``shared_ollama.usage.prometheus``.
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    #: The address that server binds: loopback unless a Prometheus elsewhere must reach it.
+    prometheus_addr: str = "127.0.0.1"
+
+
+class ServiceClass(BaseModel):
+    """A service class of calls (``service_class=`` on a call): its place in the wait for
+    capacity. Not ``Endpoint.priority``, which ranks endpoints, not calls."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Lower ranks are admitted first when calls wait for a slot.
+    rank: int = 0
+    #: Refused first (``Overloaded``, "shed: ...") while a call of a class that is not
+    #: sheddable waits for the same capacity, or when the queue is full.
+    sheddable: bool = False
+    #: Longest wait for capacity before ``Overloaded``; None: the call's total timeout.
+    max_wait_s: float | None = Field(default=None, gt=0)
+    #: Free slots this class leaves to better-ranked classes (it waits rather than take the
+    #: last ones), so their calls find a slot at once; keep it below the pool's capacity.
+    headroom: int = Field(default=0, ge=0)
+
+
+def _default_classes() -> dict[str, ServiceClass]:
+    return {
+        "interactive": ServiceClass(rank=0),
+        "standard": ServiceClass(rank=1),
+        "batch": ServiceClass(rank=2, sheddable=True),
+    }
+
+
+class AdmissionPolicy(BaseModel):
+    """Who gets a freed slot first when calls wait for capacity (see docs/admission.md).
+
+    Class rank first; within a class the project with the least recent token-weighted usage
+    (fair share); within a project the earliest deadline, then arrival.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Off: waiters race for freed slots as they wake (no order, no shedding).
+    enabled: bool = True
+    classes: dict[str, ServiceClass] = Field(default_factory=_default_classes)
+    #: The class of a call that names none.
+    default_class: str = "standard"
+    #: A project's usage (input + output tokens) counts half after this long.
+    fair_share_half_life_s: float = Field(default=60.0, gt=0)
+    #: Tokens a call is charged when admitted, until its project has finished calls to learn
+    #: from (then the project's running mean); the record's real count replaces it.
+    estimate_tokens: int = Field(default=512, ge=1)
+    #: A project's share relative to others (usage is divided by it); default 1.
+    project_weights: dict[str, float] = Field(default_factory=dict)
+    #: Most calls waiting for the same model; past it a sheddable waiter is refused, or the
+    #: newcomer. None: no bound but the waits' own.
+    max_queue: int | None = Field(default=None, ge=1)
+
+    @field_validator("project_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(not w > 0 for w in v.values()):
+            raise ValueError("project weights must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _default_known(self) -> Self:
+        if self.default_class not in self.classes:
+            raise ValueError("default_class is not among the classes")
+        return self
+
+
+class AdaptivePolicy(BaseModel):
+    """Bounds and reflexes of ``max_in_flight="adaptive"`` (AIMD on first-chunk latency)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_limit: int = Field(default=1, ge=1)
+    max_limit: int = Field(default=64, ge=1)
+    initial_limit: int = Field(default=4, ge=1)
+    #: A first chunk later than ``tolerance`` x the no-queue baseline (+ ``slack_s``) means
+    #: calls queue in the server: the limit shrinks.
+    tolerance: float = Field(default=2.0, gt=1)
+    slack_s: float = Field(default=0.01, ge=0)
+    #: Multiplicative decrease, at most once per round trip.
+    backoff: float = Field(default=0.9, gt=0, lt=1)
+    #: The baseline is the fastest first chunk seen, doubling after this many samples none
+    #: as fast (so it follows a server grown slower for good).
+    window: int = Field(default=200, ge=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("adaptive limits need min_limit <= initial_limit <= max_limit")
+        return self
 
 
 class PoolConfig(BaseModel):
@@ -233,6 +369,12 @@ class PoolConfig(BaseModel):
     budgets: dict[str, Budget] = Field(default_factory=dict)
     #: Send a second copy of a non-stream call after the p95 latency (off by default).
     hedging: bool = False
+    #: ``strategy="affinity"``: an endpoint keeps its keys while its load is at most
+    #: ceil((1 + affinity_eps) x the candidates' mean load); past it a key spills on.
+    affinity_eps: float = Field(default=0.25, gt=0)
+    scrape: ScrapePolicy = Field(default_factory=ScrapePolicy)
+    admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
+    adaptive: AdaptivePolicy = Field(default_factory=AdaptivePolicy)
 
 
 _ENV = "SHARED_OLLAMA_"
@@ -258,6 +400,7 @@ def load_config(
     Precedence: overrides > env > file. ``path`` defaults to ``$SHARED_OLLAMA_CONFIG``.
     Env: ``SHARED_OLLAMA_ENDPOINTS`` (``url[=kind],...``), ``SHARED_OLLAMA_PROJECT``,
     ``SHARED_OLLAMA_STRATEGY``, ``SHARED_OLLAMA_LEDGER`` (ledger path),
+    ``SHARED_OLLAMA_USAGE_PROMETHEUS_PORT`` (serve per-project usage for Prometheus),
     ``SHARED_OLLAMA_API_KEY`` (applied to env-given endpoints).
     """
     env = os.environ if env is None else env
@@ -283,6 +426,8 @@ def load_config(
         data["strategy"] = value
     if value := env.get(_ENV + "LEDGER"):
         data["usage"] = {**data.get("usage", {}), "path": value}
+    if value := env.get(_ENV + "USAGE_PROMETHEUS_PORT"):
+        data["usage"] = {**data.get("usage", {}), "prometheus_port": value}
     data.update(overrides)
     try:
         return PoolConfig.model_validate(data)

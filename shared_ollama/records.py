@@ -17,6 +17,7 @@ __all__ = [
     "CallRecord",
     "Outcome",
     "PoolEvent",
+    "RoutingDecision",
     "TokenCounts",
 ]
 
@@ -112,6 +113,23 @@ class PoolEvent:
     t_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    """Why the call's (last) attempt went where it went.
+
+    ``reason`` is one of ``affinity`` (the key's own ring endpoint), ``spill`` (the key's
+    endpoint was over its load bound: the next one on the ring), ``least_loaded``,
+    ``loaded_model`` (least loaded won because it has the model in memory), ``round_robin``,
+    ``weighted``, ``priority``, ``only_candidate`` and ``failover`` (a retry that avoided the
+    endpoints already tried). ``key`` is a short hash of the routing key, never the key.
+    """
+
+    endpoint: str
+    reason: str
+    candidates: tuple[str, ...] = ()
+    key: str | None = None
+
+
 @dataclass(slots=True)
 class CallRecord:
     """Everything known about one call once it has ended (successfully or not)."""
@@ -149,6 +167,11 @@ class CallRecord:
     events: list[PoolEvent] = field(default_factory=list)
     #: Free-form tags (the bench marks its workload/phase here).
     tags: dict[str, str] = field(default_factory=dict)
+    #: Prompt tokens the server took from its prompt cache, where it says (OpenAI's
+    #: ``usage.prompt_tokens_details.cached_tokens``, llama.cpp's ``timings.cache_n``).
+    cached_tokens: int | None = None
+    #: Where the router sent the call and why (None: the call was never routed).
+    routing: RoutingDecision | None = None
 
     @property
     def duration_s(self) -> float:

@@ -22,6 +22,8 @@ from pydantic import (
     field_validator,
 )
 
+from .records import RoutingDecision
+
 __all__ = [
     "ChatChunk",
     "ChatResponse",
@@ -199,6 +201,8 @@ class Usage(_Model):
 
     input_tokens: int | None = None
     output_tokens: int | None = None
+    #: Of the input tokens, those the server took from its prompt cache (None: not said).
+    cached_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int | None:
@@ -261,6 +265,8 @@ class _Served(_Model):
     timings: Timings = Field(default_factory=Timings)
     request_id: str = ""
     attempts: int = 1
+    #: Where the router sent the call and why (endpoint, reason, candidates, key hash).
+    routing: RoutingDecision | None = None
 
 
 class ChatResponse(_Served, _OllamaCounts):
@@ -289,6 +295,8 @@ class ChatChunk(_OllamaCounts):
     usage: Usage | None = None
     #: Tokens carried by this chunk, where the server says (None: unknown).
     tokens: int | None = None
+    #: The last chunk only: where the router sent the call and why.
+    routing: RoutingDecision | None = None
 
 
 class GenerateResponse(_Served, _OllamaCounts):
@@ -316,6 +324,8 @@ class GenerateChunk(_OllamaCounts):
     done_reason: str | None = None
     usage: Usage | None = None
     tokens: int | None = None
+    #: The last chunk only: where the router sent the call and why.
+    routing: RoutingDecision | None = None
 
 
 class EmbedResponse(_Served, _OllamaCounts):

@@ -12,7 +12,7 @@ import random
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tenacity import Future, RetryCallState
@@ -23,20 +23,25 @@ from ..errors import (
     InvalidRequest,
     ModelNotFound,
     NoEndpointAvailable,
+    Overloaded,
     RateLimited,
     SharedOllamaError,
     StreamInterrupted,
     Timeout,
 )
-from ..pool import Choice, Pool, Unavailable
+from ..pool import Choice, Pool, RouteRequest, Unavailable
+from ..pool.admission import Ticket
 from ..protocols import Parsed, Piece
-from ..records import AttemptRecord, CallRecord, Outcome
+from ..records import AttemptRecord, CallRecord, Outcome, RoutingDecision
 
 __all__ = ["Attempt", "CallPlan", "RetryBudget", "WaitingForEndpoint", "full_jitter"]
 
 _DEFAULT_LIMITS = Limits()
 # With no total deadline, waiting for an endpoint to recover is still bounded.
 _MAX_WAIT_WITHOUT_DEADLINE_S = 60.0
+# A waiter whom a better-ordered one stands before looks again this often at the latest (a
+# release or a grant normally wakes it first).
+_ADMISSION_RECHECK_S = 1.0
 
 
 class WaitingForEndpoint(NoEndpointAvailable):
@@ -131,8 +136,18 @@ class CallPlan:
         total_timeout: float | None,
         tags: Mapping[str, str] | None = None,
         limits: Limits | None = None,
+        session: str | None = None,
+        service_class: str | None = None,
+        route: RouteRequest | None = None,
     ) -> None:
         self.limits = limits if limits is not None else _DEFAULT_LIMITS
+        #: The caller's routing key as given (never recorded: only its hash, in ``route``).
+        self.session = session
+        #: The admission class the caller named (None: the default class).
+        self.service_class = service_class
+        #: What the strategy is told about the call.
+        self.route = route or RouteRequest(model or "", operation)
+        self._tokens = self.route.tokens
         self._text_room = self.limits.max_stream_text_chars
         self.pool = pool
         self.budget = budget
@@ -167,6 +182,15 @@ class CallPlan:
         self.finished = False
         self._parsed_text: str | None = None
         self._retries = 0
+        #: The call's place in the wait for capacity (an unknown class: InvalidRequest).
+        #: None where no endpoint is capped: nobody ever waits for a slot there, so there is
+        #: no order to keep (an unknown class name is still refused).
+        self.ticket: Ticket | None = None
+        if pool.capped and pool.admission.enabled:
+            self.ticket = pool.admission.ticket(project, service_class, key=model or "",
+                                                deadline=self.deadline)  # fmt: skip
+        elif service_class is not None:
+            pool.admission.resolve(service_class)
         budget.note_call(now)
 
     # -- routing ----------------------------------------------------------------------
@@ -182,10 +206,15 @@ class CallPlan:
     def choose(self, now: float) -> Choice:
         """Pick an endpoint and take its in-flight slot, or raise why none can be taken."""
         assert self.model is not None
+        self._admit(now)
         tried = [a.endpoint for a in self.record.attempts]
-        result = self.pool.choose(self.model, self.operation, now, avoid=tried)
+        route = self.route
+        result = self.pool.choose(self.model, self.operation, now, avoid=tried, request=route)
         if isinstance(result, Choice):
-            if result.endpoint.try_acquire():
+            if result.endpoint.try_acquire(self._tokens):
+                self._admitted(now)
+                if self.open and result.reason == "failover":
+                    result = replace(result, reason="hedge")  # the first copy still runs
                 return result
             # Lost a race for the last slot: behave as saturated.
             result = Unavailable({result.endpoint.name: "saturated"}, 0.01, True, saturated=True)
@@ -212,6 +241,9 @@ class CallPlan:
                 **kw,
             )
         limit = self._wait_deadline if result.saturated else self._recover_deadline
+        if result.saturated and self.ticket is not None:
+            # The class's bounded wait ends it sooner (then Overloaded).
+            limit = min(limit, max(now + 0.001, self.ticket.wait_bound()))
         # Waiting past the deadline would only delay the same error: fail now instead. A slot
         # on a saturated endpoint, though, may free up any moment (a release wakes the wait).
         hopeless = not result.saturated and now + (result.retry_in or 0) >= self._wait_deadline
@@ -226,6 +258,69 @@ class CallPlan:
             saturated=result.saturated,
             **kw,
         )
+
+    # -- admission: the ordered wait for capacity (pool/admission.py) -------------------
+    def _admit(self, now: float) -> None:
+        """Let the call try for a slot only when no better-ordered waiter could take it;
+        else wait (``Sleep(slot=True)``), or be refused: shed, or waited too long."""
+        ticket = self.ticket
+        if ticket is None or self.open:  # a hedge rides on its first copy's admission
+            return
+        adm = self.pool.admission
+        assert self.model is not None
+        free = self.pool.free_slots(self.model, self.operation, now)
+        spare = free is None or free > ticket.cls.headroom
+        if spare and adm.idle and not ticket.waiting:
+            return  # nobody waits and a slot is free: the common case costs no lock
+        decision = adm.decide(ticket, now, free)
+        if decision.verdict == "try":
+            return
+        kw = self._error_kw()
+        if decision.verdict == "refuse":
+            err = Overloaded(decision.reason, **kw)
+            err.retryable = False  # refused here, by policy: no retry would fare better
+            raise err
+        why = {"admission": f"{decision.ahead} of {decision.waiting} waiting calls go first"}
+        if now >= self._wait_deadline:
+            adm.withdraw(ticket)
+            raise NoEndpointAvailable(f"no endpoint available for {self.model!r}",
+                                      reasons=why, **kw)  # fmt: skip
+        until = min(self._wait_deadline, max(now + 0.001, ticket.wait_bound()))
+        raise WaitingForEndpoint(f"waiting for capacity for {self.model!r}", reasons=why,
+                                 retry_in=min(_ADMISSION_RECHECK_S, until - now),
+                                 saturated=True, **kw)  # fmt: skip
+
+    def _admitted(self, now: float) -> None:
+        """The call took a slot: it leaves the wait (a hedge's copy was admitted already)."""
+        if self.ticket is not None and len(self.open) == 0:
+            self.pool.admission.granted(self.ticket, now)
+
+    def _learn_limit(self, att: Attempt, now: float, error: BaseException | None) -> None:
+        """Feed an adaptive endpoint its signal: time to first chunk, or the server's queue
+        time (never whole-call latency); a server saying it is overloaded is one too."""
+        ep = att.choice.endpoint
+        limit = ep.adaptive
+        if limit is None:
+            return
+        started = att.record.t_start_ns / 1e9
+        if isinstance(error, RateLimited):
+            limit.overloaded(started=started, now=now)
+            return
+        if error is not None or att.record.endpoint != self.record.endpoint:
+            return
+        timings = self.record.server_timings
+        queue_ms = timings.get("queue_time_ms")
+        queue_s = None if queue_ms is None else queue_ms / 1e3
+        ttft: float | None = None
+        if self.stream and self.record.t_first_chunk_ns is not None:
+            ttft = (self.record.t_first_chunk_ns - att.record.t_start_ns) / 1e9
+        elif "total_duration_ns" in timings and "eval_duration_ns" in timings:
+            # Ollama's total counts its own queue, load and prefill before the first token.
+            ttft = (timings["total_duration_ns"] - timings["eval_duration_ns"]) / 1e9
+        elif queue_s is not None:
+            ttft = queue_s + timings.get("time_per_token_ms", 0.0) / 1e3
+        if ttft is not None:
+            limit.sample(ttft, started=started, now=now, in_flight=ep.in_flight, queue_s=queue_s)
 
     def begin(self, choice: Choice, now_ns: int) -> Attempt:
         """An attempt is about to be sent to ``choice`` (which holds its in-flight slot)."""
@@ -246,6 +341,10 @@ class CallPlan:
         self.record.endpoint_name = ep.name
         self.record.protocol = ep.kind
         self.record.served_model = att.choice.served_model
+        choice = att.choice
+        self.record.routing = RoutingDecision(
+            ep.name, choice.reason, choice.candidates, self.route.key
+        )
 
     def end(
         self,
@@ -274,7 +373,13 @@ class CallPlan:
         if isinstance(error, RateLimited):
             ep.back_off(now + self._retry_after(error))
         latency = None if error is not None else (now_ns - attempt.t_start_ns) / 1e9
-        ep.release(latency_s=latency, error=attempt.error_message if failed else None, now=now)
+        self._learn_limit(att, now, error)
+        ep.release(
+            latency_s=latency,
+            error=attempt.error_message if failed else None,
+            now=now,
+            tokens=self._tokens,
+        )
         if latency is not None and not self.stream:
             self.pool.observe(self.operation, latency)
         self.record.events.extend(ep.breaker.drain_events())
@@ -382,6 +487,7 @@ class CallPlan:
         rec.finish_reason = parsed.done_reason
         rec.served_model = parsed.served_model or rec.served_model
         rec.server_timings.update(parsed.server_timings)
+        rec.cached_tokens = parsed.cached_tokens
 
     def on_piece(self, piece: Piece, now_ns: int) -> bool:
         """A stream event arrived; True when it is a chunk to deliver to the caller."""
@@ -394,6 +500,8 @@ class CallPlan:
             rec.finish_reason = piece.done_reason
         if piece.served_model:
             rec.served_model = piece.served_model
+        if piece.cached_tokens is not None:
+            rec.cached_tokens = piece.cached_tokens
         rec.server_timings.update(piece.server_timings)
         deliver = bool(piece.text or piece.thinking or piece.tool_calls or piece.done)
         if deliver:
@@ -444,6 +552,11 @@ class CallPlan:
         """Close the record: outcome, error type, end time."""
         self.finished = True
         rec = self.record
+        if self.ticket is not None:
+            # Fair share learns what the call really cost (it leaves any wait it was in).
+            used = None if rec.input_tokens is None and rec.output_tokens is None else (
+                (rec.input_tokens or 0) + (rec.output_tokens or 0))  # fmt: skip
+            self.pool.admission.finished(self.ticket, used, now_ns / 1e9)
         rec.t_end_ns = now_ns
         outcome: Outcome = "ok"
         if error is not None:

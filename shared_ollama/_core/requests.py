@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from ..errors import InvalidRequest
+from ..pool.affinity import PROMPT_PREFIX_CHARS, routing_key
 from ..protocols import (
     ChatRequest,
     Codec,
@@ -51,6 +52,16 @@ class Op(Generic[T]):
     parse: Callable[[Codec, WireResponse], T]
     #: The messages or prompt, for telemetry's opt-in content capture.
     content: object = None
+    #: The caller's ``session=`` (kept in memory for admission; never recorded).
+    session: str | None = None
+    #: The caller's ``service_class=`` (an admission class name).
+    service_class: str | None = None
+    #: The routing key's short hash (see ``pool.affinity.routing_key``), or None.
+    route_key: str | None = None
+    #: Prompt tokens, estimated (no tokenizer here: four characters a token, enough to weigh
+    #: calls against each other), and the output tokens allowed.
+    prompt_tokens: int = 0
+    max_tokens: int | None = None
 
 
 def _check_model(model: str) -> str:
@@ -218,6 +229,14 @@ def _messages(messages: Sequence[MessageLike] | None) -> list[Message]:
     return out
 
 
+def _max_tokens(opts: Mapping[str, Any]) -> int | None:
+    for name in ("num_predict", "max_tokens"):
+        value = opts.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def chat_op(
     model: str,
     messages: Sequence[MessageLike] | None,
@@ -228,6 +247,8 @@ def chat_op(
     format: Any,
     options: Mapping[str, Any] | None,
     keep_alive: float | str | None,
+    session: str | None = None,
+    service_class: str | None = None,
 ) -> Op[Parsed]:
     """A chat call."""
     msgs = _messages(messages)
@@ -253,7 +274,19 @@ def chat_op(
     # own operation, to the endpoints that honour it only.
     operation = "chat" if msgs else "load"
     parse = lambda c, r: c.parse_chat(r)  # noqa: E731
-    return Op(operation, _check_model(model), stream, build, parse, msgs)
+    # One plain loop (no generators): this runs on every call.
+    system = first_user = None
+    chars = 0
+    for m in msgs:
+        chars += len(m.content)
+        if system is None and (m.role == "system" or m.role == "developer"):
+            system = m.content
+        elif first_user is None and m.role == "user":
+            first_user = m.content
+    key = routing_key(session=session, options=opts, system=system, first_user=first_user)
+    return Op(operation, _check_model(model), stream, build, parse, msgs, session=session,
+              service_class=service_class, route_key=key, prompt_tokens=(chars + 3) // 4,
+              max_tokens=_max_tokens(opts) if opts else None)  # fmt: skip
 
 
 def generate_op(
@@ -271,6 +304,8 @@ def generate_op(
     images: Sequence[Any] | None,
     options: Mapping[str, Any] | None,
     keep_alive: float | str | None,
+    session: str | None = None,
+    service_class: str | None = None,
 ) -> Op[Parsed]:
     """A completion call."""
     if not isinstance(prompt, str):
@@ -301,7 +336,12 @@ def generate_op(
         )
 
     parse = lambda c, r: c.parse_generate(r)  # noqa: E731
-    return Op("generate", _check_model(model), stream, build, parse, prompt)
+    key = routing_key(session=session, options=opts, system=system,
+                      first_user=prompt[:PROMPT_PREFIX_CHARS])  # fmt: skip
+    chars = len(prompt) + len(system or "")
+    return Op("generate", _check_model(model), stream, build, parse, prompt, session=session,
+              service_class=service_class, route_key=key, prompt_tokens=(chars + 3) // 4,
+              max_tokens=_max_tokens(opts) if opts else None)  # fmt: skip
 
 
 def embed_op(

@@ -69,7 +69,11 @@ def response_fields(rec: CallRecord, parsed: Parsed) -> dict[str, Any]:
         "model": rec.model or "",
         "served_model": parsed.served_model or rec.served_model or "",
         "endpoint": rec.endpoint or "",
-        "usage": {"input_tokens": parsed.input_tokens, "output_tokens": parsed.output_tokens},
+        "usage": {
+            "input_tokens": parsed.input_tokens,
+            "output_tokens": parsed.output_tokens,
+            "cached_tokens": rec.cached_tokens,
+        },
         "timings": {
             "t_start_ns": rec.t_start_ns,
             "t_first_chunk_ns": rec.t_first_chunk_ns,
@@ -78,6 +82,7 @@ def response_fields(rec: CallRecord, parsed: Parsed) -> dict[str, Any]:
         },
         "request_id": rec.request_id,
         "attempts": len(rec.attempts),
+        "routing": rec.routing,
     }
 
 
@@ -122,7 +127,12 @@ def _chunk_fields(rec: CallRecord, piece: Piece) -> dict[str, Any]:
         "tokens": piece.tokens,
     }
     if piece.done:
-        fields["usage"] = {"input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens}
+        fields["usage"] = {
+            "input_tokens": rec.input_tokens,
+            "output_tokens": rec.output_tokens,
+            "cached_tokens": rec.cached_tokens,
+        }
+        fields["routing"] = rec.routing
         end = rec.chunk_times_ns[-1] if rec.chunk_times_ns else rec.t_start_ns
         fields.update(ollama_counts(rec, end))
     return fields
@@ -146,7 +156,9 @@ def embeddings_response(r: EmbedResponse) -> EmbeddingsResponse:
     """ollama's legacy ``embeddings`` answer (one vector) from an ``embed`` answer."""
     fields = r.model_dump(include={"model", "served_model", "endpoint", "request_id", "attempts"})
     vector = r.embeddings[0] if r.embeddings else []
-    return EmbeddingsResponse(embedding=vector, usage=r.usage, timings=r.timings, **fields)
+    return EmbeddingsResponse(
+        embedding=vector, usage=r.usage, timings=r.timings, routing=r.routing, **fields
+    )
 
 
 RESPONSES: dict[str, Callable[[CallRecord, Parsed], Any]] = {

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from ..config import Endpoint, HealthPolicy, Limits
+from ..config import Endpoint, HealthPolicy, Limits, ScrapePolicy
 from ..errors import ClientClosed, NoEndpointAvailable, SharedOllamaError
 from ..pool import AUTO_PROBES, EndpointState, detect_kind, next_probe_delay
+from ..pool.signals import MAX_SCRAPE_BYTES, busy_slots, parse_prometheus, server_load
 from ..protocols import Codec, ListedModel, Parsed, Piece, WireRequest, WireResponse
 from ..protocols.decoders import NDJSONDecoder
 from ..records import CallRecord
@@ -55,6 +56,8 @@ __all__ = [
     "probe_all",
     "read_more",
     "request_headers",
+    "scrape",
+    "scrape_loop",
     "stream",
 ]
 
@@ -535,6 +538,69 @@ def health_loop(endpoints: Sequence[EndpointState], project: str, policy: Health
         if refresh:
             last_models = now
         yield from probe_all(endpoints, project, policy.timeout_s, refresh, True)
+
+
+#: Where each kind reports its own load, in the order tried: vLLM and llama.cpp (with
+#: ``--metrics``) at ``/metrics``, llama.cpp without it at ``/slots``; TGI at ``/metrics``.
+SCRAPE_ROUTES: dict[str, tuple[str, ...]] = {"openai": ("/metrics", "/slots"), "tgi": ("/metrics",)}
+#: Answers that say the route is not there (llama.cpp answers 501 without ``--metrics``).
+_NO_ROUTE = frozenset({400, 404, 405, 501})
+
+
+def scrape(ep: EndpointState, project: str, timeout: float, limits: Limits) -> Steps[None]:
+    """Read one server's own load into ``ep`` (Ollama: its loaded models).
+
+    A server that answers no load route at all is not scraped again (``ep.scrapable``);
+    a failed scrape keeps the last report, which fades with its age.
+    """
+    codec = ep.codec
+    if codec is None or not ep.scrapable:
+        return
+    try:
+        if ep.kind == "ollama":
+            if (ps := codec.ps()) is None:
+                ep.scrapable = False
+                return
+            reply = yield from _simple(ep, ps, project, timeout)
+            if reply.status == 200:
+                ep.set_loaded(m.name for m in codec.parse_ps(reply))
+            return
+        bound = min(MAX_SCRAPE_BYTES, limits.max_response_bytes)
+        for path in SCRAPE_ROUTES.get(ep.kind or "", ()):
+            headers = request_headers(ep.config, "scrape", project, None)
+            head: Head = yield Send(ep, WireRequest("GET", path), headers, timeout)
+            try:
+                body: bytes = yield Read(head, ep, "first_chunk", timeout, whole=True,
+                                         max_bytes=bound, truncate=True)  # fmt: skip
+            finally:
+                yield Close(head)
+            if head.status in _NO_ROUTE:
+                continue
+            if head.status != 200:
+                return  # a server in trouble: try again next time
+            if path == "/slots":
+                gauges = {"llamacpp:requests_processing": float(busy_slots(body))}
+            else:
+                gauges = parse_prometheus(body, truncated=len(body) >= bound)
+            # The server counted what ran when it answered: our own in flight then.
+            now, _ = yield NOW
+            report = server_load(gauges, at=now, own_in_flight=ep.in_flight, source=path)
+            if report is not None:
+                ep.set_server_load(report)
+                return
+        ep.scrapable = False
+    except SharedOllamaError:
+        return
+
+
+def scrape_loop(endpoints: Sequence[EndpointState], project: str, policy: ScrapePolicy,
+                timeout: float, limits: Limits) -> Steps[None]:  # fmt: skip
+    """Scrape every endpoint's own load every ``interval_s``, all at once."""
+    while True:
+        yield Sleep(policy.interval_s)
+        due = [ep for ep in endpoints if ep.scrapable and ep.codec is not None]
+        if due:
+            yield Gather([scrape(ep, project, timeout, limits) for ep in due])
 
 
 def fan_out(plan: CallPlan, endpoints: Sequence[EndpointState], operation: str,

@@ -144,6 +144,43 @@ def _bench_flags(p: argparse.ArgumentParser, *, schedules: bool) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--http", choices=("auto", "httpx", "aiohttp"),
                    help="the client's HTTP driver (auto: aiohttp when installed)")  # fmt: skip
+    _routing_flags(p, ab=schedules)
+
+
+def _routing_flags(p: argparse.ArgumentParser, *, ab: bool) -> None:
+    """Routing workloads, the pool's strategy (or an A/B of several) and --simulate's engines."""
+    g = p.add_argument_group("routing workloads and strategies (docs/bench.md)")
+    g.add_argument("--workload", choices=("prefix", "sessions"),
+                   help="shared prefixes (N system prompts x M users) or multi-turn sessions; "
+                        "replaces the scenario's workloads")  # fmt: skip
+    g.add_argument("--prefixes", type=int, metavar="N", help="prefix: system prompts")
+    g.add_argument("--users", type=int, metavar="M", help="prefix: users per system prompt")
+    g.add_argument("--prefix-tokens", type=int, metavar="N", help="prefix: its length (words)")
+    g.add_argument("--prefix-share", type=float, metavar="F",
+                   help="prefix: share of requests with a shared prefix (0..1)")  # fmt: skip
+    g.add_argument("--session-key", choices=("prefix", "user", "none"),
+                   help="prefix: the session= each request passes")  # fmt: skip
+    g.add_argument("--sessions", type=int, metavar="S", help="sessions: sessions per phase")
+    g.add_argument("--turns", type=int, metavar="T", help="sessions: turns per session")
+    g.add_argument("--think", metavar="DIST",
+                   help="sessions: think time, S | uniform:MIN:MAX | exp:MEAN[:MAX]")  # fmt: skip
+    g.add_argument("--system-tokens", type=int, metavar="N",
+                   help="sessions: system prompt length (words; 0: none)")  # fmt: skip
+    g.add_argument("--no-session-id", action="store_true",
+                   help="sessions: pass no session= (the router keys on the prompt)")  # fmt: skip
+    g.add_argument("--strategy", help="the pool's routing strategy")
+    if ab:
+        g.add_argument("--strategies", metavar="S,S,...",
+                       help="run the same workload and seed once per strategy and compare "
+                            "(e.g. affinity,least_loaded,round_robin)")  # fmt: skip
+    g.add_argument("--sim-engines", metavar="KIND,KIND,...",
+                   help="--simulate: one FakeEngine per kind listed (repeats allowed)")  # fmt: skip
+    g.add_argument("--sim-cache-tokens", type=int, metavar="N",
+                   help="--simulate: each engine's prefix cache in tokens (0: none)")  # fmt: skip
+    g.add_argument("--sim-block-tokens", type=int, metavar="N",
+                   help="--simulate: prefix cache block size in tokens")  # fmt: skip
+    g.add_argument("--sim-prefill-s-per-token", type=float, metavar="S",
+                   help="--simulate: prefill seconds per uncached prompt token")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -163,7 +200,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit 1 when a metric is worse by more (capacity: lower)")  # fmt: skip
     c.add_argument("--metrics", help="comma-separated metric names (vLLM keys, error_rate)")
     r = sub.add_parser("report", help="print a result and write its HTML report")
-    r.add_argument("result", metavar="RESULT.json")
+    r.add_argument("result", metavar="RESULT.json", nargs="?")
+    r.add_argument("--from-locust", metavar="DIR",
+                   help="first write RESULT.json (default DIR/result.json) from a Locust "
+                        "run's --bench-out folder (shared_ollama.bench.locust)")  # fmt: skip
     r.add_argument("--html", metavar="PATH", help="HTML path (default: next to the JSON)")
     r.add_argument("--no-html", action="store_true")
     r.add_argument("--pdf", nargs="?", const="", metavar="PATH",
@@ -326,6 +366,56 @@ def _apply_pool(data: dict[str, Any], args: argparse.Namespace) -> None:
     data["pool"] = {**(data.get("pool") or {}), "endpoints": eps}
 
 
+def _apply_routing(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """--workload and its flags, --strategy and --simulate's engine settings."""
+    from .simulate import ROUTING_SIMULATION, routing_defaults
+
+    if args.workload and not (args.simulate and not args.scenario):
+        # The --simulate demo already chose it; otherwise it replaces the workloads.
+        defaults = routing_defaults(args.workload)
+        data["workloads"] = defaults["workloads"]
+        for key in ("schedules", "warmup"):
+            data.setdefault(key, defaults[key])
+        if args.simulate:
+            data.setdefault("simulation", dict(ROUTING_SIMULATION))
+    prefix = {
+        "prefixes": args.prefixes,
+        "users": args.users,
+        "prefix_tokens": args.prefix_tokens,
+        "share": args.prefix_share,
+        "session": args.session_key,
+    }
+    sessions = {
+        "count": args.sessions,
+        "turns": args.turns,
+        "think_s": args.think,
+        "system_tokens": args.system_tokens,
+        "pass_session": False if args.no_session_id else None,
+    }
+    for table, given in (("prefix", prefix), ("sessions", sessions)):
+        given = {k: v for k, v in given.items() if v is not None}
+        if not given:
+            continue
+        hits = [w for w in data.get("workloads") or [] if isinstance(w, dict) and table in w]
+        if not hits:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags}: no {table} workload (give --workload {table})")
+        for w in hits:
+            w[table] = {**(w[table] or {}), **given}
+    if args.strategy:
+        data["pool"] = {**(data.get("pool") or {}), "strategy": args.strategy}
+    sim = {
+        "prefix_cache_tokens": args.sim_cache_tokens,
+        "prefix_block_tokens": args.sim_block_tokens,
+        "prefill_s_per_token": args.sim_prefill_s_per_token,
+    }
+    if args.sim_engines:
+        sim["engines"] = [k.strip() for k in args.sim_engines.split(",") if k.strip()]
+    if any(v is not None for v in sim.values()):
+        given = {k: v for k, v in sim.items() if v is not None}
+        data["simulation"] = {**(data.get("simulation") or {}), **given}
+
+
 def build_scenario(args: argparse.Namespace) -> Any:
     """Scenario file (or the --simulate demo) with the flags applied, validated."""
     from . import metrics
@@ -336,7 +426,7 @@ def build_scenario(args: argparse.Namespace) -> Any:
         raise ValueError("--simulate benches its own FakeEngines: drop --endpoint")
     data: dict[str, Any] = {}
     if args.simulate and not args.scenario:
-        data = simulate_defaults()
+        data = simulate_defaults(args.workload)
     if args.scenario:
         data = read_scenario_file(args.scenario)
     top = {
@@ -361,6 +451,7 @@ def build_scenario(args: argparse.Namespace) -> Any:
     if args.no_calibrate or args.recalibrate:
         data["calibrate"] = "off" if args.no_calibrate else "refresh"
     _apply_pool(data, args)
+    _apply_routing(data, args)
     _apply_schedules(data, args)
     _apply_workloads(data, args)
     if args.warmup is not None:
@@ -511,6 +602,10 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     try:
         scenario = build_scenario(args)
+        if args.strategies:
+            from .ab import parse_strategies
+
+            return _cmd_strategies(scenario, parse_strategies(args.strategies), args, console)
     except (ScenarioError, ValueError) as exc:
         return _input_error(exc)
     from .calibrate import prompt_token_lines
@@ -530,6 +625,47 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(line, highlight=False, markup=False)
     _write(result, _out_dir(scenario), scenario.html, console, scenario.pdf)
     return 130 if result.metadata.interrupted else 0
+
+
+def _cmd_strategies(
+    scenario: Any, strategies: list[str], args: argparse.Namespace, console: Console
+) -> int:
+    """One run per strategy (same workload and seed), each written to its own folder under
+    the output folder, then the comparison (terminal, comparison.json and .html)."""
+    from .ab import print_strategies, strategy_scenarios, write_comparison
+    from .session import CalibrationFailed, WarmupFailed
+
+    out = _out_dir(scenario)
+    if not scenario.simulate:
+        console.print(
+            "[yellow]note:[/] real servers keep their prompt caches between the strategies' "
+            "runs (same prompts): restart them between runs for a fair cache comparison",
+            highlight=False,
+        )
+    results: list[tuple[str, Any]] = []
+    paths: list[Path | None] = []
+    interrupted = False
+    for strategy, one in zip(strategies, strategy_scenarios(scenario, strategies), strict=True):
+        console.print(f"[bold]strategy {strategy}[/]", highlight=False)
+        progress = None if args.quiet else _Progress(console)
+        try:
+            with progress or contextlib.nullcontext():
+                result = asyncio.run(_run_async(one, progress, console))
+        except CalibrationFailed as exc:
+            return _calibration_error(exc, console)
+        except WarmupFailed as exc:
+            console.print(f"[red]error:[/] {exc}", highlight=False)
+            return 3
+        _write(result, out / strategy, scenario.html, console, scenario.pdf)
+        results.append((strategy, result))
+        paths.append(out / strategy / "result.json")
+        if result.metadata.interrupted:
+            interrupted = True
+            break
+    print_strategies(results, console)
+    written = write_comparison(results, out, paths)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+    return 130 if interrupted else 0
 
 
 def _calibration_error(exc: Exception, console: Console) -> int:
@@ -559,6 +695,8 @@ def _capacity_spec(args: argparse.Namespace, scenario: Any) -> Any:
     )
 
     slo = parse_capacity_slo(args.capacity_slo)
+    if args.search == "rate" and any(w.sessions is not None for w in scenario.workloads):
+        raise ValueError("sessions run in closed loop: use --search concurrency")
     if (stream_only := needs_streams(slo)) and not all(w.stream for w in scenario.workloads):
         raise ValueError(f"--slo {stream_only[0]} needs streamed requests: drop --no-stream")
     step, relative = parse_resolution(args.resolution)
@@ -634,6 +772,16 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     from .report import print_summary
     from .result import load_result
 
+    if args.from_locust is not None:
+        from .locust_report import convert
+
+        try:
+            args.result = str(convert(args.from_locust, args.result))
+        except ValueError as exc:
+            return _input_error(exc)
+        console.print(f"wrote {args.result}")
+    elif args.result is None:
+        return _input_error(ValueError("give RESULT.json or --from-locust DIR"))
     try:
         result = load_result(args.result)
     except ValueError as exc:

@@ -26,6 +26,8 @@ class _Sent:
     workload: str
     t_scheduled_ns: int | None
     content: list[bool] | None = None
+    session: str | None = None
+    history_share: float | None = None
     #: A non-library exception the runner caught (a bug, not an endpoint failure).
     error: str | None = None
 
@@ -48,10 +50,22 @@ class Collector:
         if self.on_record is not None:
             self.on_record(rec)
 
-    def sent(self, seq: int, phase: str, workload: str, t_scheduled_ns: int | None) -> None:
-        """The runner is about to send call ``seq``."""
+    def sent(
+        self,
+        seq: int,
+        phase: str,
+        workload: str,
+        t_scheduled_ns: int | None,
+        *,
+        session: str | None = None,
+        history_share: float | None = None,
+    ) -> None:
+        """The runner is about to send call ``seq`` (of ``session``, with ``history_share``
+        of its prompt sent before, where the workload knows)."""
         with self._lock:
-            self._sent[seq] = _Sent(phase, workload, t_scheduled_ns)
+            note = _Sent(phase, workload, t_scheduled_ns)
+            note.session, note.history_share = session, history_share
+            self._sent[seq] = note
 
     def saw(self, seq: int, content: list[bool] | None, error: str | None = None) -> None:
         """What the runner saw of call ``seq``: content per chunk, an unexpected error."""
@@ -75,6 +89,8 @@ class Collector:
                 workload=note.workload,
                 t_scheduled_ns=note.t_scheduled_ns,
                 chunk_content=note.content,
+                session=note.session,
+                history_share=note.history_share,
             )
             if note.error is not None and req.outcome == "cancelled":
                 req.outcome, req.error_type = "error", note.error

@@ -17,8 +17,10 @@ from pathlib import Path
 from .findings import findings
 from .plots import metric_label, plots, series_label
 from .report import (
+    CACHE_COLUMNS,
     ENDPOINT_COLUMNS,
     PHASE_COLUMNS,
+    cache_rows,
     cost_basis,
     efficiency_table,
     endpoint_rows,
@@ -131,6 +133,9 @@ def _phases(result: BenchResult) -> str:
     parts = [f"<h2>Phases</h2>{_table(PHASE_COLUMNS, phase_rows(result), text_cols=(0,))}"]
     if any(p.warnings for p in result.phases):
         parts.append('<p class="muted">(!): the phase has warnings (above).</p>')
+    if (cache := cache_rows(result)) is not None:
+        table = _table(CACHE_COLUMNS, cache, text_cols=(0, 7))
+        parts.append(f"<h3>Prefix cache and routing</h3>{table}")
     if (eff := efficiency_table(result)) is not None:
         parts.append(f"<h3>Energy and cost</h3>{_table(*eff, text_cols=(0,))}")
         if (basis := cost_basis(result)) is not None:

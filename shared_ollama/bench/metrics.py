@@ -71,6 +71,14 @@ DEFINITIONS = {
     "HTTP and client time.",
     "energy_j": "GPU energy counter difference over the phase (all GPUs), when NVML has one.",
     "tokens_per_joule": "Output tokens of completed requests / energy_j.",
+    "cache_hit_ratio": "Sum of cached prompt tokens / sum of prompt tokens, over completed "
+    "requests whose server reported its cache hits (OpenAI usage.prompt_tokens_details."
+    "cached_tokens, llama.cpp timings.cache_n).",
+    "history_hit_ratio": "Sum of cached prompt tokens / sum of history tokens (prompt tokens "
+    "x the workload's history share: the part an earlier request already sent), over the "
+    "same requests; 1.0: every reusable token was served from a cache.",
+    "endpoint_imbalance": "Requests of the busiest endpoint / mean requests per endpoint of "
+    "the pool (1.0: even).",
 }
 
 
@@ -241,8 +249,26 @@ def summarize(
         energy_j=energy_j,
         tokens_per_joule=out_tokens / energy_j if energy_j else None,
     )
+    _cache(summary, ok)
     summary.vllm = vllm_keys(summary)
     return summary
+
+
+def _cache(summary: Summary, ok: Sequence[RequestRecord]) -> None:
+    """The prefix-cache figures and routing reasons (see ``DEFINITIONS``)."""
+    summary.routing = dict(Counter(r.routing for r in ok if r.routing).most_common())
+    told = [r for r in ok if r.cached_tokens is not None and r.input_tokens]
+    if not told:
+        return
+    cached = sum(r.cached_tokens or 0 for r in told)
+    prompt = sum(r.input_tokens or 0 for r in told)
+    summary.cache_reported = len(told)
+    summary.cached_tokens = cached
+    summary.cache_hit_ratio = cached / prompt if prompt else None
+    known = [r for r in told if r.history_share is not None]
+    history = sum((r.history_share or 0.0) * (r.input_tokens or 0) for r in known)
+    if history > 0:
+        summary.history_hit_ratio = sum(r.cached_tokens or 0 for r in known) / history
 
 
 def vllm_keys(s: Summary) -> dict[str, float | int | None]:

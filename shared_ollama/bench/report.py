@@ -17,9 +17,12 @@ from .findings import findings, slo_headroom, slo_name
 from .result import BenchResult, PhaseResult, Stats, Summary
 
 __all__ = [
+    "CACHE_COLUMNS",
     "ENDPOINT_COLUMNS",
     "PHASE_COLUMNS",
+    "cache_rows",
     "efficiency_table",
+    "endpoint_imbalance",
     "endpoint_label",
     "endpoint_rows",
     "fmt",
@@ -51,6 +54,16 @@ ENDPOINT_COLUMNS = (
     "TTFT p50/p99 ms",
     "TPOT p50/p99 ms",
     "E2E p50/p99 ms",
+)
+CACHE_COLUMNS = (
+    "phase",
+    "TTFT p50/p99 ms",
+    "cache reported",
+    "cached tok",
+    "cache hit %",
+    "history hit %",
+    "busiest/mean endpoint",
+    "routing",
 )
 #: Marks a phase with warnings in tables (the warnings are listed above them).
 WARNED = "(!)"
@@ -217,6 +230,50 @@ def endpoint_rows(result: BenchResult, summary: Summary) -> list[list[str]]:
     ]
 
 
+def endpoint_imbalance(result: BenchResult, summary: Summary) -> float | None:
+    """Requests of the busiest endpoint over the mean per endpoint of the pool (endpoints
+    that got none count: a router that leaves one idle is uneven)."""
+    counts = [e.requests for ep, e in summary.per_endpoint.items() if ep != "(none)"]
+    n = max(len(result.metadata.endpoints), len(counts))
+    if not counts or n == 0 or sum(counts) == 0:
+        return None
+    return max(counts) / (sum(counts) / n)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _reasons(s: Summary) -> str:
+    total = sum(s.routing.values())
+    if not total:
+        return "-"
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in s.routing.items())
+
+
+def cache_rows(result: BenchResult) -> list[list[str]] | None:
+    """Prefix cache and routing per phase (then the run), or None when no request
+    reported cache hits or a routing decision."""
+    phases = [(p.name, p.summary) for p in result.phases]
+    if len(result.phases) > 1:
+        phases.append(("all phases", result.summary))
+    if not any(s.cache_reported or s.routing for _, s in phases):
+        return None
+    return [
+        [
+            name,
+            _pair(s.ttft_ms),
+            f"{s.cache_reported}/{s.completed}",
+            "-" if s.cached_tokens is None else f"{s.cached_tokens:,}",
+            _pct(s.cache_hit_ratio),
+            _pct(s.history_hit_ratio),
+            fmt(endpoint_imbalance(result, s), 2),
+            _reasons(s),
+        ]
+        for name, s in phases
+    ]
+
+
 def _table(title: str, columns: Sequence[str], rows: list[list[str]]) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
     for i, col in enumerate(columns):
@@ -240,6 +297,8 @@ def print_summary(result: BenchResult, console: Console | None = None) -> None:
     for line in warning_lines(result):
         console.print(f"[bold red]warning:[/] {escape(line)}", highlight=False)
     console.print(_table("Phases", PHASE_COLUMNS, phase_rows(result)))
+    if (cache := cache_rows(result)) is not None:
+        console.print(_table("Prefix cache and routing", CACHE_COLUMNS, cache))
     if (eff := efficiency_table(result)) is not None:
         console.print(_table("Energy and cost", *eff))
         if (basis := cost_basis(result)) is not None:

@@ -88,6 +88,15 @@ class RequestRecord(BaseModel):
     #: Whether each chunk carried content (text, thinking or tool calls).
     chunk_content: list[bool] | None = None
     server_timings: dict[str, float] = Field(default_factory=dict)
+    #: Prompt tokens the server served from its prefix cache, where it said.
+    cached_tokens: int | None = None
+    #: The routing decision's reason (``affinity``, ``spill``, ``least_loaded``...).
+    routing: str | None = None
+    #: The bench's ``session=`` (routing workloads; synthetic ids, never the user's).
+    session: str | None = None
+    #: Share of the prompt that repeats what an earlier request sent (a session's history,
+    #: a shared prefix), where the workload knows it.
+    history_share: float | None = None
 
     @classmethod
     def from_call(
@@ -99,6 +108,8 @@ class RequestRecord(BaseModel):
         workload: str = "",
         t_scheduled_ns: int | None = None,
         chunk_content: Sequence[bool] | None = None,
+        session: str | None = None,
+        history_share: float | None = None,
     ) -> RequestRecord:
         """Copy what the bench needs from a CallRecord (nothing re-measured)."""
         content = list(chunk_content) if chunk_content is not None else None
@@ -131,6 +142,10 @@ class RequestRecord(BaseModel):
             chunk_tokens=list(rec.chunk_tokens),
             chunk_content=content,
             server_timings=dict(rec.server_timings),
+            cached_tokens=rec.cached_tokens,
+            routing=rec.routing.reason if rec.routing is not None else None,
+            session=session,
+            history_share=history_share,
         )
 
     def derived(self) -> Derived:
@@ -266,6 +281,15 @@ class Summary(BaseModel):
     cost_per_1m_tokens: float | None = None
     #: The same figures under vLLM ``benchmark_serving`` key names.
     vllm: dict[str, float | int | None] = Field(default_factory=dict)
+    #: Prefix cache, over completed requests whose server said what hit (None: none said):
+    #: how many, their cached prompt tokens, cached / prompt tokens, and cached / history
+    #: tokens (the prompt share an earlier request sent, where the workload knows it).
+    cache_reported: int = 0
+    cached_tokens: int | None = None
+    cache_hit_ratio: float | None = None
+    history_hit_ratio: float | None = None
+    #: Routing decisions by reason (``affinity``, ``spill``, ``round_robin``...).
+    routing: dict[str, int] = Field(default_factory=dict)
 
 
 class PhaseResult(BaseModel):
@@ -519,6 +543,7 @@ _CSV_FIELDS = (
     *("protocol", "outcome", "error_type", "attempts", "input_tokens", "output_tokens"),
     *("finish_reason", "t_scheduled_ns", "t_start_ns", "t_first_chunk_ns", "t_end_ns"),
     *("n_chunks", "ttft_ms", "tpot_ms", "e2e_ms", "send_lag_ms", "client_queue_ms"),
+    *("cached_tokens", "routing", "session", "history_share"),
 )
 
 

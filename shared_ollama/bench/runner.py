@@ -1,7 +1,9 @@
 """The runner: sends the workload's requests through a SharedClient on a schedule's times.
 
 It only sleeps, sends and reads streams to the end; the client's CallRecords (kept by the
-``Collector``) are the measurements. ``stop()`` ends a run early and cleanly.
+``Collector``) are the measurements. ``stop()`` ends a run early and cleanly. A sessions
+workload runs in closed loop over sessions: each worker sends one conversation's turns in
+order, thinking between them, then takes the next session.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Runner:
         *,
         seed: int = 0,
         progress: ProgressSink | None = None,
+        think: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.client = client
         self.mix = mix
@@ -77,6 +80,8 @@ class Runner:
         self._seq = 0
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Waits a session's think time (tests give a scripted clock).
+        self._think = think
 
     @property
     def stopping(self) -> bool:
@@ -94,7 +99,14 @@ class Runner:
         self._seq += 1
         seq = self._seq
         tags = {SEQ_TAG: str(seq), PHASE_TAG: phase, WORKLOAD_TAG: spec.workload}
-        self.collector.sent(seq, phase, spec.workload, t_scheduled_ns)
+        self.collector.sent(
+            seq,
+            phase,
+            spec.workload,
+            t_scheduled_ns,
+            session=spec.session,
+            history_share=spec.history_share,
+        )
         content: list[bool] | None = [] if spec.stream else None
         error: str | None = None
         try:
@@ -110,18 +122,22 @@ class Runner:
         self, spec: RequestSpec, tags: dict[str, str], content: list[bool] | None
     ) -> None:
         opts = spec.call_options()
+        # Only routing workloads name a session: other calls keep the client's plain path.
+        session: dict[str, Any] = {} if spec.session is None else {"session": spec.session}
         if content is None:
             if spec.operation == "chat":
-                await self.client.chat(spec.model, spec.messages, options=opts, tags=tags)
+                await self.client.chat(
+                    spec.model, spec.messages, options=opts, tags=tags, **session
+                )
             else:
                 prompt, system = spec.prompt or "", spec.system
                 await self.client.generate(
-                    spec.model, prompt, system=system, options=opts, tags=tags
+                    spec.model, prompt, system=system, options=opts, tags=tags, **session
                 )
             return
         # Streams are read as content flags, with no typed chunk built: the call is routed,
         # retried and accounted as any stream, and the driver keeps up with faster servers.
-        common: dict[str, Any] = {"think": None, "format": None, "keep_alive": None}
+        common: dict[str, Any] = {"think": None, "format": None, "keep_alive": None, **session}
         if spec.operation == "chat":
             op = chat_op(spec.model, spec.messages, tools=None, stream=True, options=opts, **common)
         else:
@@ -156,6 +172,7 @@ class Runner:
         """Run one phase to its stop rule (or ``stop()``) and collect its requests."""
         if self.progress is not None:
             self.progress.start_phase(plan.name, plan.stop)
+        self.mix.begin_phase()
         t_start = time.monotonic_ns()
         cpu_start = time.thread_time()  # this thread runs the loop: every request's driver
         try:
@@ -182,18 +199,38 @@ class Runner:
         left = stop.requests  # None: no count limit
         timed_out = False
 
-        async def worker(offset_s: float) -> None:
+        def may_send() -> bool:
             nonlocal left, timed_out
+            if self.stopping or left == 0:
+                return False
+            if deadline is not None and time.monotonic_ns() >= deadline:
+                timed_out = True
+                return False
+            if left is not None:
+                left -= 1
+            return True
+
+        async def worker(offset_s: float) -> None:
             await _sleep_until(t0 + int(offset_s * 1e9))
-            while not self.stopping and left != 0:
-                if deadline is not None and time.monotonic_ns() >= deadline:
-                    timed_out = True
-                    return
-                if left is not None:
-                    left -= 1
+            while may_send():
                 await self._send(self.mix.next(), plan.name, None)
 
-        await self._wait([self._spawn(worker(o)) for o in sched.start_offsets()])
+        async def session_worker(offset_s: float) -> None:
+            await _sleep_until(t0 + int(offset_s * 1e9))
+            while not self.stopping and left != 0:
+                drawn = self.mix.next_conversation()
+                if drawn is None:
+                    return  # the phase's sessions are all taken
+                conv, specs = drawn
+                for turn, spec in zip(conv.turns, specs, strict=True):
+                    if turn.think_s > 0 and not self.stopping:
+                        await self._think(turn.think_s)
+                    if not may_send():
+                        return
+                    await self._send(spec, plan.name, None)
+
+        run = worker if self.mix.sessions is None else session_worker
+        await self._wait([self._spawn(run(o)) for o in sched.start_offsets()])
         return "duration" if timed_out else "requests"
 
     async def _open(

@@ -24,6 +24,7 @@ __all__ = [
     "RateSpec",
     "SamplerSpec",
     "Scenario",
+    "SimulationSpec",
     "ScenarioError",
     "RunItem",
     "ScheduleSpec",
@@ -53,10 +54,10 @@ class _StopSpec(_Spec):
     #: Seconds per phase; with ``requests`` too, whichever comes first.
     duration_s: float | None = Field(default=None, gt=0)
 
-    def stop(self) -> Stop:
-        """The stop rule (100 requests when neither bound is set)."""
+    def stop(self, default_requests: int = 100) -> Stop:
+        """The stop rule (``default_requests`` when neither bound is set)."""
         if self.requests is None and self.duration_s is None:
-            return Stop(requests=100)
+            return Stop(requests=default_requests)
         return Stop(requests=self.requests, duration_s=self.duration_s)
 
 
@@ -102,11 +103,9 @@ class ContextSweepSpec(_StopSpec):
     concurrency: int = Field(default=1, ge=1)
     ramp_s: float = Field(default=0.0, ge=0)
 
-    def stop(self) -> Stop:
+    def stop(self, default_requests: int = 10) -> Stop:
         """10 requests a length unless told (long prompts are slow)."""
-        if self.requests is None and self.duration_s is None:
-            return Stop(requests=10)
-        return super().stop()
+        return super().stop(default_requests)
 
 
 ScheduleSpec: TypeAlias = Annotated[
@@ -159,6 +158,25 @@ class CostSpec(_Spec):
     currency: str = Field(default="USD", min_length=1, max_length=8)
 
 
+SimKind: TypeAlias = Literal["ollama", "openai", "tgi"]
+
+
+def _one_each() -> list[SimKind]:
+    return ["ollama", "openai", "tgi"]
+
+
+class SimulationSpec(_Spec):
+    """``--simulate``'s FakeEngines: which protocols (one engine each, repeats allowed) and
+    their prefix cache (see docs/fake_engine.md, "Prefix cache")."""
+
+    engines: list[SimKind] = Field(default_factory=_one_each, min_length=1, max_length=64)
+    #: Each engine's prefix cache, in tokens (0: none).
+    prefix_cache_tokens: int = Field(default=0, ge=0)
+    prefix_block_tokens: int = Field(default=16, ge=1)
+    #: Prefill seconds per uncached prompt token on every engine (None: each kind's own).
+    prefill_s_per_token: float | None = Field(default=None, ge=0)
+
+
 def _default_schedules() -> list[ConcurrencySpec | RateSpec | SweepSpec | ContextSweepSpec]:
     return [ConcurrencySpec(levels=[1, 4, 16])]
 
@@ -189,6 +207,7 @@ class Scenario(_Spec):
     slo: SloSpec = Field(default_factory=SloSpec)
     samplers: SamplerSpec = Field(default_factory=SamplerSpec)
     cost: CostSpec = Field(default_factory=CostSpec)
+    simulation: SimulationSpec = Field(default_factory=SimulationSpec)
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
@@ -202,6 +221,11 @@ class Scenario(_Spec):
         context = any(isinstance(x, ContextSweepSpec) for x in self.schedules)
         if context and all(w.prompts_file for w in self.workloads):
             raise ValueError("a context sweep sizes synthetic prompts: no workload has them")
+        if any(w.sessions is not None for w in self.workloads):
+            if len(self.workloads) > 1:
+                raise ValueError("a sessions workload must be the only workload")
+            if not all(isinstance(x, ConcurrencySpec) for x in self.schedules):
+                raise ValueError("sessions run in closed loop: use concurrency schedules")
         return self
 
 
@@ -257,9 +281,13 @@ def dedupe_names(items: list[RunItem]) -> list[RunItem]:
     return out
 
 
-def phase_plans(spec: ConcurrencySpec | RateSpec) -> list[PhasePlan]:
-    """The phases of a concurrency or rate schedule (sweeps are expanded while running)."""
-    stop = spec.stop()
+def phase_plans(
+    spec: ConcurrencySpec | RateSpec, default_requests: int | None = None
+) -> list[PhasePlan]:
+    """The phases of a concurrency or rate schedule (sweeps are expanded while running);
+    ``default_requests`` replaces the 100 requests a phase sends when the schedule says
+    nothing (a sessions workload: its sessions' turns)."""
+    stop = spec.stop() if default_requests is None else spec.stop(default_requests)
     if isinstance(spec, ConcurrencySpec):
         plans = [PhasePlan(f"c={c}", ClosedLoop(c, spec.ramp_s), stop) for c in spec.levels]
     else:

@@ -287,8 +287,14 @@ async def _run_phases(
     lengths: dict[str, int] | None = None,
 ) -> list[PhaseRun]:
     items: list[RunItem] = []
+    sessions = runner.mix.sessions.sessions if runner.mix.sessions is not None else None
+    # A sessions phase sends its sessions' every turn unless the schedule says otherwise.
+    turns = sessions.count * sessions.turns if sessions is not None else None
     for spec in scenario.schedules:
-        items += [spec] if isinstance(spec, SweepSpec | ContextSweepSpec) else phase_plans(spec)
+        if isinstance(spec, SweepSpec | ContextSweepSpec):
+            items.append(spec)
+        else:
+            items += phase_plans(spec, turns)
     runs: list[PhaseRun] = []
     for item in dedupe_names(items):
         if runner.stopping:
@@ -449,7 +455,8 @@ async def run_scenario(
     with contextlib.ExitStack() as stack:
         pool = scenario.pool
         if scenario.simulate:
-            pool = pool.model_copy(update={"endpoints": stack.enter_context(simulated_pool())})
+            engines = stack.enter_context(simulated_pool(scenario.simulation))
+            pool = pool.model_copy(update={"endpoints": engines})
         result = await _run(scenario, pool, progress, on_record, on_runner, driver)
     return result
 
@@ -479,9 +486,11 @@ async def _run(
         eps = [(ep, kinds.get(ep.url, ep.kind)) for ep in pool.endpoints]
         # Before the samplers start: calibration traffic stays out of the servers' counters.
         contexts_asked = any(isinstance(x, ContextSweepSpec) for x in scenario.schedules)
+        # Routing workloads are sized in words: only the others are calibrated.
+        plain = [w for w in scenario.workloads if not w.routing]
         calib = await calibrate_run(
             pool,
-            scenario.workloads,
+            plain,
             mix.model,
             mode=scenario.calibrate,
             disk=not scenario.simulate,  # simulated engines get new ports every run
@@ -530,7 +539,7 @@ async def _run(
     # What the prompts were: how they were sized, and what the servers counted.
     result.calibrations = calib.records
     result.prompt_tokens = prompt_token_report(
-        scenario.workloads, calib.sizers, calib.records, result.requests, mix.drawn
+        plain, calib.sizers, calib.records, result.requests, mix.drawn
     )
     for phase in result.phases:
         phase.prompt_tokens = lengths.get(phase.name)

@@ -14,7 +14,9 @@ from typing import Literal, TypeAlias
 
 from ..config import BreakerPolicy, Endpoint
 from ..protocols import Codec, codec_for
+from .adaptive import AdaptiveLimit
 from .breaker import BreakerState, EndpointBreaker
+from .signals import ServerLoad
 
 __all__ = ["EndpointState", "EndpointStatus", "Health"]
 
@@ -48,6 +50,17 @@ class EndpointStatus:
     failures: int
     backoff_s: float = 0.0
     aliases: dict[str, str] = field(default_factory=dict)
+    #: Tokens our calls in flight may hold there (estimated prompt + max output).
+    in_flight_tokens: int = 0
+    #: The fused load signal the router reads (see ``EndpointState.load``).
+    load: float = 0.0
+    #: The server's own last report: running/waiting requests, and its age in seconds.
+    server_running: float | None = None
+    server_waiting: float | None = None
+    server_load_age_s: float | None = None
+    server_load_source: str | None = None
+    #: ``max_in_flight="adaptive"``: ``max_in_flight`` above is the limit learned now.
+    adaptive: bool = False
 
     def as_dict(self) -> dict[str, object]:
         """Plain dict (for JSON and telemetry gauges)."""
@@ -66,13 +79,21 @@ class EndpointStatus:
             "calls": self.calls,
             "failures": self.failures,
             "backoff_s": self.backoff_s,
+            "in_flight_tokens": self.in_flight_tokens,
+            "load": self.load,
+            "server_running": self.server_running,
+            "server_waiting": self.server_waiting,
+            "server_load_age_s": self.server_load_age_s,
+            "adaptive": self.adaptive,
         }
 
 
 class EndpointState:
     """Everything the pool knows about one endpoint."""
 
-    def __init__(self, config: Endpoint, breaker: BreakerPolicy) -> None:
+    def __init__(
+        self, config: Endpoint, breaker: BreakerPolicy, *, load_tau_s: float = 10.0
+    ) -> None:
         self.config = config
         self.url = config.url
         self.name = config.display_name
@@ -86,6 +107,12 @@ class EndpointState:
         self.loaded: frozenset[str] = frozenset()
         self.health: Health = "unknown"
         self.in_flight = 0
+        self.in_flight_tokens = 0
+        #: The server's own last load report (None: never scraped, or nothing to scrape).
+        self.server_load: ServerLoad | None = None
+        self.load_tau_s = load_tau_s
+        #: False once the server showed it has no load route (no further scrapes).
+        self.scrapable = True
         self.latency_ewma_s: float | None = None
         self.latency_at = 0.0  # monotonic seconds of the last latency sample
         self.last_error: str | None = None
@@ -95,6 +122,12 @@ class EndpointState:
         self.rr_current = 0.0  # smooth weighted round robin bookkeeping
         #: Called after a slot is given back (the driver wakes calls waiting for one).
         self.on_release: Callable[[], None] | None = None
+        #: ``max_in_flight="adaptive"``: the learned cap (set by the pool).
+        self.adaptive: AdaptiveLimit | None = None
+        #: The configured cap as a number (None: uncapped or adaptive); read on every call.
+        self.fixed_cap: int | None = (
+            None if config.max_in_flight == "adaptive" else config.max_in_flight
+        )
 
     # -- models -----------------------------------------------------------------------
     def served_name(self, model: str) -> str | None:
@@ -151,20 +184,37 @@ class EndpointState:
             self.loaded = frozenset(names)
 
     # -- load -------------------------------------------------------------------------
-    def try_acquire(self) -> bool:
-        """Take an in-flight slot if the cap allows."""
-        cap = self.config.max_in_flight
+    def try_acquire(self, tokens: int = 0) -> bool:
+        """Take an in-flight slot (holding ``tokens``) if the cap allows."""
+        cap = self.fixed_cap if self.adaptive is None else self.adaptive.limit
         with self._lock:
             if cap is not None and self.in_flight >= cap:
                 return False
             self.in_flight += 1
+            self.in_flight_tokens += tokens
             self.calls += 1
             return True
 
-    def release(self, *, latency_s: float | None, error: str | None, now: float = 0.0) -> None:
-        """Give the slot back and fold the attempt's outcome into the stats."""
+    @property
+    def cap(self) -> int | None:
+        """The in-flight cap in force: the configured one, or the adaptive limit now."""
+        if self.adaptive is not None:
+            return self.adaptive.limit
+        return self.fixed_cap
+
+    def release(
+        self,
+        *,
+        latency_s: float | None,
+        error: str | None,
+        now: float = 0.0,
+        tokens: int = 0,
+    ) -> None:
+        """Give the slot (and its ``tokens``) back and fold the attempt's outcome in."""
         with self._lock:
             self.in_flight -= 1
+            left = self.in_flight_tokens - tokens
+            self.in_flight_tokens = left if left > 0 else 0
             if error is not None:
                 self.failures += 1
                 self.last_error = error
@@ -176,6 +226,19 @@ class EndpointState:
                 self.latency_at = now
         if self.on_release is not None:
             self.on_release()
+
+    def load(self, now: float) -> float:
+        """The fused load signal: our calls in flight, plus other clients' requests its
+        server last reported, faded by the report's age (``exp(-age / load_tau_s)``)."""
+        report = self.server_load
+        if report is None:
+            return float(self.in_flight)
+        return self.in_flight + report.others * report.weight(now, self.load_tau_s)
+
+    def set_server_load(self, report: ServerLoad | None) -> None:
+        """Record a scrape of the server's own load (None: it reported none of ours)."""
+        with self._lock:
+            self.server_load = report
 
     def latency_estimate(self, now: float) -> float | None:
         """The latency EWMA, decayed toward zero since its last sample."""
@@ -198,6 +261,7 @@ class EndpointState:
 
     def status(self, now: float) -> EndpointStatus:
         """Snapshot for ``pool_status()``."""
+        report = self.server_load
         with self._lock:
             return EndpointStatus(
                 name=self.name,
@@ -206,7 +270,7 @@ class EndpointState:
                 health=self.health,
                 breaker=self.breaker.state,
                 in_flight=self.in_flight,
-                max_in_flight=self.config.max_in_flight,
+                max_in_flight=self.cap,
                 latency_ewma_s=self.latency_ewma_s,
                 models=tuple(self.logical_names()),
                 loaded=tuple(sorted(self.loaded)),
@@ -215,4 +279,11 @@ class EndpointState:
                 failures=self.failures,
                 backoff_s=max(0.0, self.backoff_until - now),
                 aliases=dict(self.aliases),
+                in_flight_tokens=self.in_flight_tokens,
+                load=self.load(now),
+                server_running=None if report is None else report.running,
+                server_waiting=None if report is None else report.waiting,
+                server_load_age_s=None if report is None else max(0.0, now - report.at),
+                server_load_source=None if report is None else report.source,
+                adaptive=self.adaptive is not None,
             )

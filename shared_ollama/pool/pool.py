@@ -13,8 +13,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..config import PoolConfig
+from .adaptive import AdaptiveLimit
+from .admission import Admission
 from .endpoint import EndpointState, EndpointStatus
-from .router import Strategy, make_strategy
+from .router import RouteRequest, Strategy, make_strategy
 
 __all__ = ["Choice", "Pool", "Unavailable"]
 
@@ -36,6 +38,10 @@ class Choice:
 
     endpoint: EndpointState
     served_model: str
+    #: Why this endpoint (see ``records.RoutingDecision.reason``).
+    reason: str = "only_candidate"
+    #: The names of the endpoints the strategy chose among.
+    candidates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +70,22 @@ class Pool:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.endpoints = [EndpointState(ep, config.breaker) for ep in config.endpoints]
-        self.strategy = strategy or make_strategy(config.strategy)
+        tau = config.scrape.tau_s
+        self.endpoints = [
+            EndpointState(ep, config.breaker, load_tau_s=tau) for ep in config.endpoints
+        ]
+        self.strategy = strategy or make_strategy(config.strategy, affinity_eps=config.affinity_eps)
         self.rng = rng or random.Random()
         self._latencies: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        #: The ordered wait for capacity (service classes, fair share, deadlines).
+        self.admission = Admission(config.admission)
+        for ep in self.endpoints:
+            if ep.config.max_in_flight == "adaptive":
+                ep.adaptive = AdaptiveLimit(config.adaptive)
+        #: Whether calls can ever wait for a slot here: with no endpoint capped nobody does,
+        #: so the calls skip admission's bookkeeping (the hot path pays nothing for it).
+        self.capped = any(ep.config.max_in_flight is not None for ep in self.endpoints)
 
     def observe(self, operation: str, latency_s: float) -> None:
         """Remember a successful non-stream call's latency (for hedging)."""
@@ -91,8 +108,11 @@ class Pool:
         now: float,
         *,
         avoid: Collection[str] = (),
+        request: RouteRequest | None = None,
     ) -> Choice | Unavailable:
-        """Pick an endpoint for ``model``/``operation``; prefer ones not in ``avoid``."""
+        """Pick an endpoint for ``model``/``operation``; prefer ones not in ``avoid``
+        (endpoint URLs a retry already tried). ``request`` tells the strategy more of the
+        call (its routing key, its size)."""
         eligible: list[tuple[EndpointState, str]] = []
         reasons: dict[str, str] = {}
         waits: list[float] = []
@@ -121,8 +141,18 @@ class Pool:
         if eligible:
             fresh = [(ep, s) for ep, s in eligible if ep.url not in avoid] or eligible
             served_by = {id(ep): s for ep, s in fresh}
-            picked = self.strategy.pick([ep for ep, _ in fresh], model, self.rng, now)
-            return Choice(picked, served_by[id(picked)])
+            if request is None or request.model != model or request.operation != operation:
+                request = RouteRequest(model, operation)
+            candidates = [ep for ep, _ in fresh]
+            pick = self.strategy.pick(candidates, request, self.rng, now)
+            # A retry that could leave the endpoints it tried: the decision is the failover.
+            failover = bool(avoid) and len(fresh) < len(eligible)
+            return Choice(
+                pick.endpoint,
+                served_by[id(pick.endpoint)],
+                "failover" if failover else pick.reason,
+                tuple([ep.name for ep in candidates]),
+            )
         waiting = min(waits) if waits else None
         return Unavailable(reasons, waiting, known, not supported, saturated and bool(waits))
 
@@ -146,10 +176,24 @@ class Pool:
         if ep.backoff_until > now:
             wait = ep.backoff_until - now
             return f"backing off {wait:.1f}s (server asked: Retry-After)", wait, False
-        cap = ep.config.max_in_flight
+        cap = ep.fixed_cap if ep.adaptive is None else ep.adaptive.limit
         if cap is not None and ep.in_flight >= cap:
             return f"saturated ({ep.in_flight}/{cap} in flight)", _SATURATED_RECHECK_S, True
         return None, None, False
+
+    def free_slots(self, model: str, operation: str, now: float) -> int | None:
+        """Free in-flight slots for ``model`` across the endpoints that may take it now
+        (None: one of them has no cap)."""
+        free = 0
+        for ep in self.endpoints:
+            why, _, _ = self._ineligible(ep, model, operation, now)
+            if why is not None:
+                continue  # saturated (no slot free) or not usable now
+            cap = ep.cap
+            if cap is None:
+                return None
+            free += max(0, cap - ep.in_flight)
+        return free
 
     def by_url(self, url: str) -> EndpointState | None:
         """The endpoint with this URL."""

@@ -110,6 +110,8 @@ class Parsed:
     server_timings: dict[str, float] = field(default_factory=dict)
     context: list[int] | None = None
     embeddings: list[list[float]] | None = None
+    #: Prompt tokens served from the server's prompt cache, where it says.
+    cached_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -136,6 +138,8 @@ class Piece:
     #: True when the stream's terminator was seen (Ollama ``done``, SSE ``[DONE]``, TGI
     #: final event with ``details``): a stream that ends without it was truncated.
     final: bool = False
+    #: Prompt tokens served from the server's prompt cache, where it says.
+    cached_tokens: int | None = None
 
     @property
     def has_content(self) -> bool:

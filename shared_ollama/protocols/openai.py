@@ -63,6 +63,7 @@ __all__ = [
     "OPENAI_PASSTHROUGH",
     "OpenAICodec",
     "OpenAIStream",
+    "cached_tokens",
     "chat_body",
     "parse_completion",
     "translate_options",
@@ -84,9 +85,10 @@ OPENAI_OPTIONS: Final[Mapping[str, str]] = {
     "ignore_eos": "ignore_eos",
     "repeat_penalty": "repetition_penalty",
 }
-#: Native fields a caller may put in ``options`` and that are sent unchanged.
+#: Native fields a caller may put in ``options`` and that are sent unchanged (``user`` and
+#: ``prompt_cache_key`` also key the ``affinity`` strategy).
 OPENAI_PASSTHROUGH: Final = frozenset(
-    {"repetition_penalty", "logit_bias", "logprobs", "top_logprobs"}
+    {"repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "prompt_cache_key"}
 )
 #: vLLM reports cumulative usage in every chunk with ``continuous_usage_stats``; servers
 #: that do not know the flag ignore it and send usage once, before ``[DONE]``.
@@ -262,6 +264,7 @@ class OpenAIStream(FramedStream[SSEEvent]):
         piece = Piece(served_model=opt_str(obj, "model", what))
         if "timings" in obj:  # llama.cpp's, on its last chunk
             piece.server_timings = _llamacpp_timings(obj, what)
+        piece.cached_tokens = cached_tokens(obj, what)
         choice = _first_choice(obj, what)
         if choice is not None:
             if self._chat:
@@ -409,6 +412,7 @@ def parse_completion(body: bytes, *, chat: bool, what: str) -> Parsed:
         server_timings=_llamacpp_timings(obj, what),
     )
     parsed.input_tokens, parsed.output_tokens = _usage(obj, what)
+    parsed.cached_tokens = cached_tokens(obj, what)
     if chat:
         message = opt_dict(choice, "message", what)
         if message is None:
@@ -437,6 +441,18 @@ def _usage(obj: Mapping[str, Any], what: str) -> tuple[int | None, int | None]:
     if usage is None:
         return None, None
     return opt_int(usage, "prompt_tokens", what), opt_int(usage, "completion_tokens", what)
+
+
+def cached_tokens(obj: Mapping[str, Any], what: str) -> int | None:
+    """Prompt tokens the server took from its cache: OpenAI's (and vLLM's, SGLang's)
+    ``usage.prompt_tokens_details.cached_tokens``, else llama.cpp's ``timings.cache_n``;
+    None when the reply does not say."""
+    usage = opt_dict(obj, "usage", what)
+    details = None if usage is None else opt_dict(usage, "prompt_tokens_details", what)
+    cached = None if details is None else opt_int(details, "cached_tokens", what)
+    if cached is None and (timings := opt_dict(obj, "timings", what)) is not None:
+        cached = opt_int(timings, "cache_n", what)
+    return None if cached is None or cached < 0 else cached
 
 
 def _reasoning(message: Mapping[str, Any], what: str) -> str | None:

@@ -26,7 +26,7 @@ from ._http import (
     stop_strings,
 )
 from ._runtime import GenTimes, Overloaded, Runtime
-from ._tokens import Plan, Token, chat_prompt, count_words, embedding, prompt_ids
+from ._tokens import Plan, Token, chat_ids, chat_prompt, count_words, embedding, prompt_ids
 
 __all__ = ["build"]
 
@@ -172,8 +172,10 @@ class OllamaApi:
         prompt_tokens: int,
         piece: Callable[[str], dict[str, Any]],
         extra_final: dict[str, Any],
+        ids: list[int] | None,
     ) -> Response:
-        """Generate; ``piece(text)`` builds the field carrying text ("message" or "response")."""
+        """Generate; ``piece(text)`` builds the field carrying text ("message" or "response").
+        ``ids`` go through the prefix cache (timing only: Ollama reports no cache hits)."""
         ticket = ctx.admit(self.rt)
 
         def final(text: str) -> dict[str, Any]:
@@ -181,7 +183,7 @@ class OllamaApi:
             return {**head, **self._final(ctx.times, prompt_tokens, plan), **extra_final}
 
         if not stream:
-            await self.rt.generate(ticket, ctx.times, model, plan, prompt_tokens, _discard)
+            await self.rt.generate(ticket, ctx.times, model, plan, prompt_tokens, _discard, ids)
             return JSONReply(ctx, final(plan.text))
 
         per_chunk = self.rt.timing.tokens_per_chunk
@@ -200,7 +202,7 @@ class OllamaApi:
                 chunk = {"model": name, "created_at": _now(), **piece(text), "done": False}
                 await out.emit(_line(chunk))
 
-            await self.rt.generate(ticket, ctx.times, model, plan, prompt_tokens, emit)
+            await self.rt.generate(ticket, ctx.times, model, plan, prompt_tokens, emit, ids)
             await out.emit(_line(final("")))
 
         return StreamReply(ctx, NDJSON, produce, headers_first=False, garbage=b'{"model":\n')
@@ -222,7 +224,8 @@ class OllamaApi:
         def piece(content: str) -> dict[str, Any]:
             return {"message": _message(content)}
 
-        return await self._run(ctx, name, model, stream, plan, prompt_tokens, piece, {})
+        ids = self.rt.cache_ids(lambda: chat_ids(messages))
+        return await self._run(ctx, name, model, stream, plan, prompt_tokens, piece, {}, ids)
 
     async def generate(self, request: Request) -> Response:
         ctx = ctx_of(request)
@@ -242,7 +245,9 @@ class OllamaApi:
             return {"response": text}
 
         extra = {} if body.get("raw") else {"context": context}
-        return await self._run(ctx, name, model, stream, plan, count_words(prompt), piece, extra)
+        ids = self.rt.cache_ids(lambda: prompt_ids(prompt))
+        tokens = count_words(prompt)
+        return await self._run(ctx, name, model, stream, plan, tokens, piece, extra, ids)
 
     async def embed(self, request: Request) -> Response:
         ctx = ctx_of(request)

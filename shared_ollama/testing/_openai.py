@@ -27,8 +27,8 @@ from ._http import (
     dump,
     stop_strings,
 )
-from ._runtime import Overloaded, Runtime
-from ._tokens import Plan, Token, chat_prompt, count_words, embedding, prompt_ids
+from ._runtime import GenTimes, Overloaded, Runtime, now_ns
+from ._tokens import Plan, Token, chat_ids, chat_prompt, count_words, embedding, prompt_ids
 
 __all__ = ["build"]
 
@@ -46,6 +46,8 @@ _METRICS = {
     "prompt_tokens_total": ("counter", "Number of prefill tokens processed."),
     "generation_tokens_total": ("counter", "Number of generation tokens processed."),
     "request_success_total": ("counter", "Count of successfully processed requests."),
+    "prefix_cache_queries_total": ("counter", "Prefix cache queries, in terms of tokens."),
+    "prefix_cache_hits_total": ("counter", "Prefix cache hits, in terms of tokens."),
 }
 
 
@@ -56,11 +58,26 @@ def _error(status: int, message: str | None = None) -> Response:
     return JSONResponse({**body, "code": status}, status)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {
+def _usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "total_tokens": prompt + completion,
         "completion_tokens": completion,
+    }
+    if cached is not None:  # vLLM (prefix caching on) and llama-server say what hit
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def _timings(times: GenTimes, prompt: int, completion: int) -> dict[str, Any]:
+    """llama-server's ``timings``: ``cache_n`` tokens reused, ``prompt_n`` computed."""
+    end = times.end_ns or now_ns()
+    return {
+        "cache_n": times.cached_tokens,
+        "prompt_n": prompt - times.cached_tokens,
+        "prompt_ms": times.prefill_ns / 1e6,
+        "predicted_n": completion,
+        "predicted_ms": max(end - times.first_ns, 0) / 1e6 if times.first_ns else 0.0,
     }
 
 
@@ -79,17 +96,40 @@ async def _discard(index: int, token: Token, last: bool) -> None:
 class _Call:
     """What the chat and completion endpoints share once their request is parsed."""
 
-    def __init__(self, body: dict[str, Any], model: str, prompt_tokens: int, plan: Plan) -> None:
+    def __init__(
+        self,
+        body: dict[str, Any],
+        model: str,
+        prompt_tokens: int,
+        plan: Plan,
+        ids: list[int] | None,
+        caching: bool,
+    ) -> None:
         self.body = body
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.plan = plan
+        self.ids = ids
+        # Cache hits are reported only while the engine has a prefix cache (as vLLM, whose
+        # prompt_tokens_details is null without one).
+        self.caching = caching
         self.created = int(time.time())
         self.stream = bool(body.get("stream"))
         options = body.get("stream_options") or {}
         # vLLM: continuous usage only comes with include_usage.
         self.include_usage = bool(options.get("include_usage"))
         self.continuous = self.include_usage and bool(options.get("continuous_usage_stats"))
+
+    def usage(self, times: GenTimes, completion: int) -> dict[str, Any]:
+        """The usage object, with the cache hits while caching."""
+        cached = times.cached_tokens if self.caching else None
+        return _usage(self.prompt_tokens, completion, cached)
+
+    def extras(self, times: GenTimes) -> dict[str, Any]:
+        """What the reply's last object carries besides: llama-server's ``timings``."""
+        if not self.caching:
+            return {}
+        return {"timings": _timings(times, self.prompt_tokens, len(self.plan.tokens))}
 
 
 class OpenAIApi:
@@ -129,7 +169,14 @@ class OpenAIApi:
             raise ApiError(404, f"The model `{name}` does not exist.")
         return str(name)
 
-    def _call(self, body: dict[str, Any], model: str, text: str, prompt_tokens: int) -> _Call:
+    def _call(
+        self,
+        body: dict[str, Any],
+        model: str,
+        text: str,
+        prompt_tokens: int,
+        ids: list[int] | None,
+    ) -> _Call:
         raw_limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if raw_limit is not None and (
             not isinstance(raw_limit, int) or isinstance(raw_limit, bool) or raw_limit < 1
@@ -150,7 +197,8 @@ class OpenAIApi:
         if body.get("stream_options") is not None and not body.get("stream"):
             raise ApiError(400, "Stream options can only be defined when `stream=True`.")
         stops = stop_strings(body.get("stop"))
-        return _Call(body, model, prompt_tokens, self.rt.plan(text, limit, stops))
+        caching = self.rt.timing.prefix_cache_tokens > 0
+        return _Call(body, model, prompt_tokens, self.rt.plan(text, limit, stops), ids, caching)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -162,7 +210,8 @@ class OpenAIApi:
             raise ApiError(400, "messages: Field required (a list of message objects)")
         model = self._model(body)
         text, prompt_tokens = chat_prompt(messages)
-        call = self._call(body, model, text, prompt_tokens)
+        ids = self.rt.cache_ids(lambda: chat_ids(messages))
+        call = self._call(body, model, text, prompt_tokens, ids)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {
             "id": rid,
@@ -177,7 +226,7 @@ class OpenAIApi:
             if finish is not None:
                 choice["stop_reason"] = None
             data = {**head, "choices": [choice]}
-            return {**data, "usage": _usage(prompt_tokens, sent)} if call.continuous else data
+            return {**data, "usage": call.usage(ctx.times, sent)} if call.continuous else data
 
         async def first(out: Emitter) -> None:
             await out.emit(_sse(chunk({"role": "assistant", "content": ""}, None, 0)))
@@ -188,7 +237,7 @@ class OpenAIApi:
         if call.stream:
             return self._stream(ctx, call, head, first, text_chunk)
         await self.rt.generate(
-            ctx.admit(self.rt), ctx.times, model, call.plan, prompt_tokens, _discard
+            ctx.admit(self.rt), ctx.times, model, call.plan, prompt_tokens, _discard, call.ids
         )
         message = {"role": "assistant", "reasoning_content": None, "content": call.plan.text}
         choice = {"index": 0, "message": {**message, "tool_calls": []}, "logprobs": None}
@@ -200,8 +249,9 @@ class OpenAIApi:
                 "created": call.created,
                 "model": model,
                 "choices": [{**choice, "finish_reason": _finish(call.plan), "stop_reason": None}],
-                "usage": _usage(prompt_tokens, len(call.plan.tokens)),
+                "usage": call.usage(ctx.times, len(call.plan.tokens)),
                 "prompt_logprobs": None,
+                **call.extras(ctx.times),
             },
         )
 
@@ -214,19 +264,20 @@ class OpenAIApi:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "prompt: the fake engine takes one string prompt")
-        call = self._call(body, model, prompt, count_words(prompt))
+        ids = self.rt.cache_ids(lambda: prompt_ids(prompt))
+        call = self._call(body, model, prompt, count_words(prompt), ids)
         rid = f"cmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "text_completion", "created": call.created, "model": model}
 
         def text_chunk(piece: str, finish: str | None, sent: int) -> dict[str, Any]:
             choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
             data = {**head, "choices": [{**choice, "stop_reason": None}]}
-            return {**data, "usage": _usage(call.prompt_tokens, sent)} if call.continuous else data
+            return {**data, "usage": call.usage(ctx.times, sent)} if call.continuous else data
 
         if call.stream:
             return self._stream(ctx, call, head, None, text_chunk)
         await self.rt.generate(
-            ctx.admit(self.rt), ctx.times, model, call.plan, call.prompt_tokens, _discard
+            ctx.admit(self.rt), ctx.times, model, call.plan, call.prompt_tokens, _discard, call.ids
         )
         choice = {"index": 0, "text": call.plan.text, "logprobs": None}
         choice |= {"finish_reason": _finish(call.plan), "stop_reason": None}
@@ -235,7 +286,8 @@ class OpenAIApi:
             {
                 **head,
                 "choices": [{**choice, "prompt_logprobs": None}],
-                "usage": _usage(call.prompt_tokens, len(call.plan.tokens)),
+                "usage": call.usage(ctx.times, len(call.plan.tokens)),
+                **call.extras(ctx.times),
             },
         )
 
@@ -266,14 +318,18 @@ class OpenAIApi:
                     sent += len(pending)
                     piece = "".join(pending)
                     pending.clear()
-                    await out.emit(_sse(text_chunk(piece, finish if last else None, sent)))
+                    data = text_chunk(piece, finish if last else None, sent)
+                    if last and not call.include_usage:  # llama-server: timings on the last
+                        data |= call.extras(ctx.times)
+                    await out.emit(_sse(data))
 
             await self.rt.generate(
-                ticket, ctx.times, call.model, call.plan, call.prompt_tokens, emit
+                ticket, ctx.times, call.model, call.plan, call.prompt_tokens, emit, call.ids
             )
             if call.include_usage:
-                usage = _usage(call.prompt_tokens, len(call.plan.tokens))
-                await out.emit(_sse({**head, "choices": [], "usage": usage}))
+                usage = call.usage(ctx.times, len(call.plan.tokens))
+                extras = call.extras(ctx.times)
+                await out.emit(_sse({**head, "choices": [], "usage": usage, **extras}))
             await out.emit(b"data: [DONE]\n\n")
 
         return StreamReply(ctx, SSE, produce, headers_first=True, garbage=b"data: {malformed\n\n")
@@ -359,6 +415,7 @@ class OpenAIApi:
         pool = self.rt.pool
         usage = self.rt.kv_tokens / (MAX_MODEL_LEN * max(pool.size, 1))
         labels = f'{{engine="0",model_name="{self.rt.settings.models[0]}"}}'
+        caching = self.rt.timing.prefix_cache_tokens > 0
         values = {
             "num_requests_running": pool.active,
             "num_requests_waiting": pool.queued,
@@ -367,6 +424,8 @@ class OpenAIApi:
             "prompt_tokens_total": stats.prompt_tokens,
             "generation_tokens_total": stats.tokens_generated,
             "request_success_total": stats.generations,
+            "prefix_cache_queries_total": stats.prompt_tokens if caching else 0,
+            "prefix_cache_hits_total": stats.cached_tokens,
         }
         lines: list[str] = []
         for name, value in values.items():

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ._faults import Faults
+from ._prefix_cache import PrefixCache
 from ._stats import StatsRecorder
 from ._timing import TimingModel
 from ._tokens import Plan, Token
@@ -56,6 +57,8 @@ class GenTimes:
     load_ns: int = 0  # time spent waiting for the model load (ollama)
     first_ns: int = 0  # first token produced
     end_ns: int = 0
+    #: Prompt tokens the prefix cache served (not computed again).
+    cached_tokens: int = 0
 
     @property
     def queue_ns(self) -> int:
@@ -171,6 +174,7 @@ class Runtime:
         self.stats = settings.stats
         self.pool = SlotPool(settings.slots, settings.max_queue, settings.stats)
         self.kv_tokens = 0  # prompt + generated tokens of the generations holding a slot
+        self.cache = PrefixCache()
         self._loads: dict[str, asyncio.Future[None]] = {}
 
     @property
@@ -194,6 +198,11 @@ class Runtime:
         return make_plan(
             self.settings.seed, prompt_text, limit, self.timing.default_max_tokens, stop
         )
+
+    def cache_ids(self, make: Callable[[], list[int]]) -> list[int] | None:
+        """A prompt's token ids for the prefix cache (``make()``), or None while it is off:
+        no tokenizing cost for engines without a cache."""
+        return make() if self.timing.prefix_cache_tokens > 0 else None
 
     def loaded(self) -> list[str]:
         """Models loaded since start (ollama's ``/api/ps``)."""
@@ -223,8 +232,13 @@ class Runtime:
         plan: Plan,
         prompt_tokens: int,
         emit: Emit,
+        prompt_ids: Sequence[int] | None = None,
     ) -> None:
-        """Run one generation on an admitted ticket, calling ``emit`` at each token's time."""
+        """Run one generation on an admitted ticket, calling ``emit`` at each token's time.
+
+        ``prompt_ids`` (the prompt's token ids) go through the prefix cache: the tokens it
+        serves are left out of the prefill time and noted in ``times.cached_tokens``.
+        """
         held = 0
         try:
             await ticket.wait()
@@ -234,7 +248,8 @@ class Runtime:
             self.stats.add("prompt_tokens", prompt_tokens)
             self.kv_tokens += prompt_tokens
             held = prompt_tokens
-            deadline = loop.time() + self.timing.prefill_s(prompt_tokens)
+            cached = self._cached(model, prompt_ids, times)
+            deadline = loop.time() + self.timing.prefill_s(prompt_tokens - cached)
             last = len(plan.tokens) - 1
             for i, token in enumerate(plan.tokens):
                 if i:
@@ -251,6 +266,17 @@ class Runtime:
         finally:
             self.kv_tokens -= held
             ticket.done()
+
+    def _cached(self, model: str, ids: Sequence[int] | None, times: GenTimes) -> int:
+        """Look the prompt up in the prefix cache (when on) and count what it served."""
+        timing = self.timing
+        if ids is None or timing.prefix_cache_tokens <= 0:
+            return 0
+        hit = self.cache.lookup(model, ids, timing.prefix_cache_tokens, timing.prefix_block_tokens)
+        times.cached_tokens = hit.cached
+        self.stats.add("cached_tokens", hit.cached)
+        self.stats.add("cache_evicted_tokens", hit.evicted)
+        return hit.cached
 
     async def embed(self, ticket: Ticket, times: GenTimes, model: str, words: int) -> None:
         """Run one embedding request: a slot, then the prefill time of its words."""

@@ -29,6 +29,9 @@ class EngineStats:
     max_queued: int = 0
     overloaded: int = 0  # requests refused because the queue was full
     prompt_tokens: int = 0
+    #: Prompt tokens the prefix cache served, and tokens it evicted (see ``TimingModel``).
+    cached_tokens: int = 0
+    cache_evicted_tokens: int = 0
     tokens_generated: int = 0
     generations: int = 0  # generations (and embeddings) that ran to their end
     streams_aborted: int = 0  # streaming requests whose client went away before the end
@@ -83,7 +86,7 @@ class StatsRecorder:
             self._cond.notify_all()
 
     def add(self, name: str, n: int = 1) -> None:
-        """Bump a plain counter: prompt_tokens, tokens_generated, generations, overloaded..."""
+        """Bump a plain counter: prompt_tokens, cached_tokens, tokens_generated, ..."""
         with self._cond:
             self._n[name] += n
             self._cond.notify_all()
@@ -132,6 +135,8 @@ class StatsRecorder:
             max_queued=n["max_queued"],
             overloaded=n["overloaded"],
             prompt_tokens=n["prompt_tokens"],
+            cached_tokens=n["cached_tokens"],
+            cache_evicted_tokens=n["cache_evicted_tokens"],
             tokens_generated=n["tokens_generated"],
             generations=n["generations"],
             streams_aborted=n["streams_aborted"],

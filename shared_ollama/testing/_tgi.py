@@ -25,7 +25,7 @@ from ._http import (
     stop_strings,
 )
 from ._runtime import Emit, Overloaded, Runtime, Ticket
-from ._tokens import Plan, Token, chat_prompt, count_words, prompt_ids
+from ._tokens import Plan, Token, chat_ids, chat_prompt, count_words, prompt_ids
 
 __all__ = ["build"]
 
@@ -117,6 +117,7 @@ class _Generation:
         self.inputs = inputs
         self.params = params
         self.prompt_tokens = count_words(inputs)
+        self.ids = rt.cache_ids(lambda: prompt_ids(inputs))
         limit = params.get("max_new_tokens")
         self.limit: int | None = limit if isinstance(limit, int) else None
         self.stop = stop_strings(params.get("stop"))
@@ -210,7 +211,9 @@ class TgiApi:
             raise ApiError(422, f"Input validation error: {gen.invalid}", "validation")
         plan = gen.plan
         ticket = ctx.admit(self.rt)
-        await self.rt.generate(ticket, ctx.times, self.model_id, plan, gen.prompt_tokens, _discard)
+        await self.rt.generate(
+            ticket, ctx.times, self.model_id, plan, gen.prompt_tokens, _discard, gen.ids
+        )
         content: dict[str, Any] = {"generated_text": gen.text(plan)}
         if gen.details or gen.prefill_details:
             content["details"] = {
@@ -252,7 +255,7 @@ class TgiApi:
                     }
                 await out.emit(_sse(event))
 
-            await self._run_streamed(ctx, out, plan, gen.prompt_tokens, emit)
+            await self._run_streamed(ctx, out, plan, gen.prompt_tokens, emit, gen.ids)
 
         headers = _stream_headers(len(gen.inputs))
         return StreamReply(
@@ -266,14 +269,16 @@ class TgiApi:
         plan: Plan,
         prompt_tokens: int,
         emit: Emit,
+        ids: list[int] | None,
     ) -> None:
-        """Admit inside the stream (TGI's way); an overload becomes an error event."""
+        """Admit inside the stream (TGI's way); an overload becomes an error event. ``ids``
+        go through the prefix cache (timing only: TGI reports no cache hits)."""
         try:
             ticket: Ticket = ctx.admit(self.rt)
         except Overloaded:
             await out.emit(_error_event(OVERLOADED, "overloaded"))
             return
-        await self.rt.generate(ticket, ctx.times, self.model_id, plan, prompt_tokens, emit)
+        await self.rt.generate(ticket, ctx.times, self.model_id, plan, prompt_tokens, emit, ids)
 
     # -- the messages API ----------------------------------------------------------------------
 
@@ -297,11 +302,20 @@ class TgiApi:
         if body.get("stream"):
             options = body.get("stream_options") or {}
             usage = bool(options.get("include_usage"))
-            return self._stream_chat(ctx, head, plan, invalid, prompt_tokens, usage, len(text))
+            ids = self.rt.cache_ids(lambda: chat_ids(messages))
+            return self._stream_chat(ctx, head, plan, invalid, prompt_tokens, usage, len(text), ids)
         if invalid is not None or plan is None:
             raise ApiError(422, f"Input validation error: {invalid}", "validation")
         ticket = ctx.admit(self.rt)
-        await self.rt.generate(ticket, ctx.times, self.model_id, plan, prompt_tokens, _discard)
+        await self.rt.generate(
+            ticket,
+            ctx.times,
+            self.model_id,
+            plan,
+            prompt_tokens,
+            _discard,
+            self.rt.cache_ids(lambda: chat_ids(messages)),
+        )
         choice = {"index": 0, "message": {"role": "assistant", "content": plan.text}}
         choice |= {"logprobs": None, "finish_reason": _chat_finish(plan)}
         return JSONReply(
@@ -324,6 +338,7 @@ class TgiApi:
         prompt_tokens: int,
         include_usage: bool,
         chars: int,
+        ids: list[int] | None,
     ) -> Response:
         async def produce(out: Emitter) -> None:
             # TGI ends the messages stream with [DONE] even after an error event.
@@ -331,7 +346,7 @@ class TgiApi:
                 await out.emit(_error_event(f"Input validation error: {invalid}", "validation"))
             else:
                 emit = _chat_emitter(out, head, plan, prompt_tokens, include_usage)
-                await self._run_streamed(ctx, out, plan, prompt_tokens, emit)
+                await self._run_streamed(ctx, out, plan, prompt_tokens, emit, ids)
             await out.emit(_sse("[DONE]"))
 
         headers = _stream_headers(chars)

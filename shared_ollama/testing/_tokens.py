@@ -18,6 +18,7 @@ __all__ = [
     "Finish",
     "Plan",
     "Token",
+    "chat_ids",
     "chat_prompt",
     "count_words",
     "embedding",
@@ -35,6 +36,8 @@ VOCAB: tuple[str, ...] = (
 TOKEN_ID_BASE = 1000
 EMBED_DIM = 8
 CHAT_TOKENS_PER_MESSAGE = 3
+# Ids of the chat template's markers (ids past the word range, so no word collides).
+_TEMPLATE_START, _TEMPLATE_END = 32001, 32002
 
 # "length": the request's own limit was reached; "eos": default_max_tokens reached with no
 # limit asked (the model "chose" to stop); "stop": a stop string ended it.
@@ -82,6 +85,18 @@ def chat_prompt(messages: Iterable[Mapping[str, Any]]) -> tuple[str, int]:
     texts = [content_text(m.get("content")) for m in messages]
     tokens = sum(count_words(t) + CHAT_TOKENS_PER_MESSAGE for t in texts)
     return "\n".join(texts), tokens
+
+
+def chat_ids(messages: Iterable[Mapping[str, Any]]) -> list[int]:
+    """A chat's prompt as token ids, as many as ``chat_prompt`` counts: per message three
+    template tokens (the role's start marker, the role, the end marker), then its words."""
+    ids: list[int] = []
+    for m in messages:
+        role = m.get("role")
+        role_id = zlib.crc32(role.encode()) % 32000 if isinstance(role, str) else 0
+        ids += [_TEMPLATE_START, role_id, _TEMPLATE_END]
+        ids += prompt_ids(content_text(m.get("content")))
+    return ids
 
 
 def _rng(seed: int, text: str) -> random.Random:
