@@ -369,9 +369,13 @@ class PoolConfig(BaseModel):
     budgets: dict[str, Budget] = Field(default_factory=dict)
     #: Send a second copy of a non-stream call after the p95 latency (off by default).
     hedging: bool = False
-    #: ``strategy="affinity"``: an endpoint keeps its keys while its load is at most
-    #: ceil((1 + affinity_eps) x the candidates' mean load); past it a key spills on.
+    #: ``strategy="affinity"``: a new session goes to the first endpoint on its key's ring
+    #: within ceil((1 + affinity_eps) x its share) of the open sessions and of the calls in
+    #: flight; a call whose home is over its share of the calls in flight spills on.
     affinity_eps: float = Field(default=0.25, gt=0)
+    #: ``strategy="affinity"``: a session (routing key) not seen for this long is forgotten:
+    #: its next call is placed anew (most servers will have evicted its prefix by then).
+    affinity_ttl_s: float = Field(default=600.0, gt=0)
     scrape: ScrapePolicy = Field(default_factory=ScrapePolicy)
     admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
     adaptive: AdaptivePolicy = Field(default_factory=AdaptivePolicy)

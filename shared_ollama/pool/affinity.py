@@ -3,11 +3,15 @@
 A call with a routing key goes to the same endpoint as the calls before it with that key,
 where the server's prompt (KV) cache still holds their prefix, unless that endpoint is
 over its share of the load. The ring has virtual nodes per endpoint (more for a higher
-``weight``); a key takes the first endpoint clockwise from its hash whose load, with this
-call, is at most ``ceil((1 + eps) x`` its weighted share of the candidates' load``)``, else
-spills to the next one on the ring (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing
-with Bounded Loads", 2018). Removing an endpoint moves only its own keys; adding one takes
-about 1/N of them.
+``weight``). A key seen for the first time (or not for ``ttl_s``) is placed on the first
+endpoint clockwise from its hash that is within ``ceil((1 + eps) x`` its weighted share``)``
+of both the calls in flight and the open sessions (keys placed within ``ttl_s``), then stays
+there: Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads" (2018),
+where the balls are the sessions. Sessions, not only calls in flight, are bounded because a
+conversation keeps its prefix in its server's cache between turns: with a few calls in
+flight at a time, bounding those alone lets the hash put most sessions on one server. A
+call whose home is over its share of the calls in flight spills to the next ring endpoint
+within it, and the session keeps its home. Removing an endpoint moves only its own keys.
 
 Only a short hash of a key is ever kept: a session name or a prompt can be user data.
 """
@@ -105,6 +109,34 @@ def _in_memory(ep: EndpointState, model: str) -> bool:
     return ep.is_loaded(model) or (ep.codec is not None and ep.codec.ps() is None)
 
 
+class _Homes:
+    """Where each open session lives: key -> (endpoint URL, last seen), oldest first."""
+
+    def __init__(self, ttl_s: float, cap: int) -> None:
+        self.ttl_s = ttl_s
+        self.cap = cap
+        self.homes: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.open: dict[str, int] = {}
+
+    def expire(self, now: float) -> None:
+        """Forget sessions not seen for ``ttl_s`` (and the oldest past ``cap``)."""
+        homes = self.homes
+        while homes:
+            key, (url, seen) = next(iter(homes.items()))
+            if seen >= now - self.ttl_s and len(homes) <= self.cap:
+                return
+            del homes[key]
+            self.open[url] -= 1
+
+    def place(self, key: str, url: str, now: float) -> None:
+        """``key`` lives at ``url`` from now on (seen now)."""
+        old = self.homes.pop(key, None)
+        if old is not None:
+            self.open[old[0]] -= 1
+        self.homes[key] = (url, now)
+        self.open[url] = self.open.get(url, 0) + 1
+
+
 class Affinity:
     """The ``affinity`` strategy: consistent hashing with bounded loads.
 
@@ -113,11 +145,14 @@ class Affinity:
     loaded ones are walked first.
     """
 
-    def __init__(self, eps: float = 0.25) -> None:
+    def __init__(
+        self, eps: float = 0.25, *, ttl_s: float = 600.0, max_sessions: int = 100_000
+    ) -> None:
         if eps <= 0:
             raise ValueError("affinity eps must be > 0")
         self.eps = eps
         self._rings: OrderedDict[tuple[tuple[str, float], ...], HashRing] = OrderedDict()
+        self._homes = _Homes(ttl_s, max_sessions)
         self._lock = threading.Lock()
         from .router import LeastLoaded
 
@@ -143,6 +178,12 @@ class Affinity:
         (the candidates' load with this call; ``weights`` is the sum of their weights)."""
         return math.ceil((1 + self.eps) * total * ep.config.weight / weights)
 
+    def home(self, key: str) -> str | None:
+        """The URL of the endpoint where the session ``key`` (a hash) lives, if open."""
+        with self._lock:
+            entry = self._homes.homes.get(key)
+        return None if entry is None else entry[0]
+
     def pick(
         self,
         candidates: Sequence[EndpointState],
@@ -150,22 +191,54 @@ class Affinity:
         rng: random.Random,
         now: float,
     ) -> Pick:
-        """The key's first ring endpoint within its load bound, loaded models first."""
+        """The session's home, else the key's first ring endpoint within both bounds."""
         from .router import Pick
 
-        if request.key is None:
+        key = request.key
+        if key is None:
             return self._fallback.pick(candidates, request, rng, now)
         by_url = {ep.url: ep for ep in candidates}
-        order = [by_url[u] for u in self.ring(candidates).walk(request.key)]
+        order = [by_url[u] for u in self.ring(candidates).walk(key)]
         loaded = [ep for ep in order if _in_memory(ep, request.model)]
+        # Sessions are spread over the endpoints with the model in memory where only some
+        # have it (loading it elsewhere costs more than a cold prompt cache).
+        settled = order
         if loaded and len(loaded) < len(order):
+            settled = loaded
             order = loaded + [ep for ep in order if ep not in loaded]
         loads = {ep.url: ep.load(now) for ep in order}
         total = sum(loads.values()) + 1  # this call included
         weights = sum(ep.config.weight for ep in order)
-        for i, ep in enumerate(order):
-            if loads[ep.url] + 1 <= self.bound(total, weights, ep):
-                return Pick(ep, "affinity" if i == 0 else "spill")
-        # Only loads read from the servers (fractions) can put everyone over: least loaded.
-        best = min(order, key=lambda ep: loads[ep.url] / ep.config.weight)
-        return Pick(best, "affinity" if best is order[0] else "spill")
+
+        def fits(ep: EndpointState) -> bool:
+            return loads[ep.url] + 1 <= self.bound(total, weights, ep)
+
+        with self._lock:
+            homes = self._homes
+            homes.expire(now)
+            entry = homes.homes.get(key)
+            home = None if entry is None else by_url.get(entry[0])
+            if home is not None and home in settled:
+                homes.place(key, home.url, now)
+                if fits(home):
+                    return Pick(home, "affinity")
+                # Over its share of the calls in flight: this call spills, the session stays.
+                spill = next((ep for ep in order if ep is not home and fits(ep)), home)
+                return Pick(spill, "spill" if spill is not home else "affinity")
+            # A new session (or one whose home is gone): the first ring endpoint within its
+            # share of both the open sessions and the calls in flight, then the calls alone.
+            open_ = homes.open
+            sessions = sum(open_.get(ep.url, 0) for ep in settled) + 1
+            share = sum(ep.config.weight for ep in settled)
+            chosen = next(
+                (ep for ep in settled
+                 if fits(ep) and open_.get(ep.url, 0) + 1 <= self.bound(sessions, share, ep)),
+                None,
+            )  # fmt: skip
+            if chosen is None:
+                chosen = next((ep for ep in order if fits(ep)), None)
+            if chosen is None:
+                # Only loads read from the servers (fractions) can put everyone over.
+                chosen = min(order, key=lambda ep: loads[ep.url] / ep.config.weight)
+            homes.place(key, chosen.url, now)
+        return Pick(chosen, "affinity" if chosen is order[0] else "spill")

@@ -74,7 +74,9 @@ class Pool:
         self.endpoints = [
             EndpointState(ep, config.breaker, load_tau_s=tau) for ep in config.endpoints
         ]
-        self.strategy = strategy or make_strategy(config.strategy, affinity_eps=config.affinity_eps)
+        self.strategy = strategy or make_strategy(
+            config.strategy, affinity_eps=config.affinity_eps, affinity_ttl_s=config.affinity_ttl_s
+        )
         self.rng = rng or random.Random()
         self._latencies: dict[str, deque[float]] = {}
         self._lock = threading.Lock()

@@ -184,10 +184,12 @@ class Priority:
         return Pick(self._within.pick(best, request, rng, now).endpoint, "priority")
 
 
-def make_strategy(name: str, *, affinity_eps: float = 0.25) -> Strategy:
+def make_strategy(
+    name: str, *, affinity_eps: float = 0.25, affinity_ttl_s: float = 600.0
+) -> Strategy:
     """Strategy by its config name."""
     if name == "affinity":
-        return Affinity(eps=affinity_eps)
+        return Affinity(eps=affinity_eps, ttl_s=affinity_ttl_s)
     table: dict[str, type[LeastLoaded] | type[RoundRobin] | type[Weighted] | type[Priority]]
     table = {
         "least_loaded": LeastLoaded,

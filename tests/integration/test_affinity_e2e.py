@@ -53,7 +53,10 @@ async def test_sessions_stick_across_turns(make_driver: Any) -> None:
                 msgs.append({"role": "user", "content": f"{user} asks question {turn} " * 8})
                 r = await d.call("chat", MODEL, msgs, session=f"user:{user}")
                 msgs.append({"role": "assistant", "content": r.message.content})
-                assert r.routing is not None and r.routing.reason == "affinity"
+                assert r.routing is not None
+                # A new session is placed within its share of the open ones (maybe past its
+                # ring's first choice: "spill"); every later turn goes home.
+                assert r.routing.reason in (("affinity",) if turn else ("affinity", "spill"))
                 assert set(r.routing.candidates) == {"e0", "e1", "e2", "e3"}
                 assert r.endpoint == engs[int(r.routing.endpoint[1:])].url
                 homes.setdefault(user, set()).add(r.routing.endpoint)

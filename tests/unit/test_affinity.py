@@ -94,9 +94,34 @@ def test_same_key_same_endpoint_while_loads_allow() -> None:
     rng = random.Random(0)
     for key in keys(50):
         first = strategy.pick(eps, req(key), rng, 0.0)
-        assert first.reason == "affinity"
+        assert first.reason in ("affinity", "spill")  # placed within its share of sessions
         for _ in range(5):
-            assert strategy.pick(eps, req(key), rng, 0.0).endpoint is first.endpoint
+            again = strategy.pick(eps, req(key), rng, 0.0)
+            assert (again.endpoint, again.reason) == (first.endpoint, "affinity")
+        assert strategy.home(key) == first.endpoint.url
+
+
+def test_open_sessions_are_spread_within_their_bound() -> None:
+    """Few calls in flight (each session pauses between turns) cannot keep the hash from
+    piling sessions on one endpoint; the open-session bound does."""
+    eps = states(1, 2)
+    strategy = Affinity(EPS)
+    rng = random.Random(0)
+    homes = Counter(strategy.pick(eps, req(k), rng, 0.0).endpoint.url for k in keys(16))
+    assert max(homes.values()) <= math.ceil((1 + EPS) * 16 / 2)
+    # The hash alone (one fresh strategy per key: no memory of open sessions) does worse.
+    plain = Counter(Affinity(EPS).pick(eps, req(k), rng, 0.0).endpoint.url for k in keys(16))
+    assert max(plain.values()) > max(homes.values())
+
+
+def test_forgotten_after_ttl_then_placed_anew() -> None:
+    eps = states(1, 2, 3)
+    strategy = Affinity(EPS, ttl_s=10.0)
+    key = keys(1)[0]
+    home = strategy.pick(eps, req(key), random.Random(0), 0.0).endpoint
+    assert strategy.home(key) == home.url
+    strategy.pick(eps, req(keys(2)[1]), random.Random(0), 10.5)  # any call expires old ones
+    assert strategy.home(key) is None
 
 
 def test_keys_spread_over_endpoints() -> None:
@@ -131,6 +156,8 @@ def test_spill_goes_to_the_next_ring_choice() -> None:
     ring = strategy.ring(eps).walk(key)
     by_url = {e.url: e for e in eps}
     home, second, third = (by_url[u] for u in ring[:3])
+    pick = strategy.pick(eps, req(key), random.Random(0), 0.0)
+    assert (pick.endpoint, pick.reason) == (home, "affinity")  # placed on its ring's first
     home.in_flight = 3  # bound with this call: ceil(1.25 x 4/4) = 2 -> home is over it
     pick = strategy.pick(eps, req(key), random.Random(0), 0.0)
     assert (pick.endpoint, pick.reason) == (second, "spill")
@@ -144,13 +171,14 @@ def test_spill_goes_to_the_next_ring_choice() -> None:
 
 @pytest.mark.parametrize("change", ["add", "remove"])
 def test_membership_change_moves_about_one_nth(change: str) -> None:
+    """The ring: a key's first choice moves only to an added endpoint or away from a removed
+    one, about 1/N of the keys."""
     before = states(*range(1, 11))
     after = [*before, *states(11)] if change == "add" else before[:-1]
     strategy = Affinity(EPS)
-    rng = random.Random(0)
     ks = keys(3000)
-    old = {k: strategy.pick(before, req(k), rng, 0.0).endpoint.url for k in ks}
-    new = {k: strategy.pick(after, req(k), rng, 0.0).endpoint.url for k in ks}
+    old = {k: strategy.ring(before).walk(k)[0] for k in ks}
+    new = {k: strategy.ring(after).walk(k)[0] for k in ks}
     moved = sum(old[k] != new[k] for k in ks)
     n = len(after) if change == "add" else len(before)
     assert 0 < moved < 2 * len(ks) / n  # ~1/N move, never a reshuffle
@@ -158,6 +186,22 @@ def test_membership_change_moves_about_one_nth(change: str) -> None:
     for k in ks:  # a key moves only to the new endpoint, or away from the removed one
         if old[k] != new[k]:
             assert new[k] == after[-1].url if change == "add" else old[k] == gone
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_open_sessions_stay_home_when_membership_changes(change: str) -> None:
+    """Live sessions: an added endpoint takes none of the open ones (their caches stay
+    warm); a removed one's sessions, and only those, are placed anew."""
+    before = states(*range(1, 6))
+    after = [*before, *states(6)] if change == "add" else before[:-1]
+    strategy = Affinity(EPS)
+    rng = random.Random(0)
+    ks = keys(200)
+    old = {k: strategy.pick(before, req(k), rng, 0.0).endpoint.url for k in ks}
+    new = {k: strategy.pick(after, req(k), rng, 1.0).endpoint.url for k in ks}
+    gone = before[-1].url
+    for k in ks:
+        assert (old[k] != new[k]) == (change == "remove" and old[k] == gone)
 
 
 def test_weight_scales_the_share() -> None:
