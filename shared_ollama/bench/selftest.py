@@ -11,8 +11,10 @@ model) in its own process and drives it, in interleaved rounds, with:
   that has vLLM installed (it also needs ``--tokenizer``, a Hugging Face tokenizer folder).
 
 Every driver sends the same streaming completions (``--tokens`` one-token chunks each) at
-the same closed-loop concurrency. With two or more CPUs the server gets the first and the
-drivers the rest, so the server's work does not share the drivers' core.
+the same closed-loop concurrency, each round in a fresh process of its own (as vLLM's client
+always is): no driver inherits another's heap, threads or garbage. With two or more CPUs the
+server gets the first and the drivers the rest, so the server's work does not share the
+drivers' core.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 __all__ = ["SelftestResult", "run_selftest", "run_vllm_bench"]
@@ -214,6 +217,39 @@ async def _run(driver: Callable[[str], Awaitable[float]], url: str) -> float:
     return await driver(url)
 
 
+_IN_PROCESS = {"bare": "server ceiling (bare aiohttp)", "aiohttp": "bench driver (aiohttp)",
+               "httpx": "bench driver (httpx)"}  # fmt: skip
+
+
+def _fresh(kind: str, url: str, requests: int, concurrency: int, tokens: int) -> float:
+    """Run one of our drivers for one round in a new interpreter (``python -m
+    shared_ollama.bench.selftest``); its requests per second."""
+    command = [sys.executable, "-m", "shared_ollama.bench.selftest", kind, url,
+               str(requests), str(concurrency), str(tokens)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    last = done.stdout.strip().splitlines()[-1:] or [""]
+    try:
+        return float(last[0])
+    except ValueError:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{_IN_PROCESS[kind]} failed: " + " | ".join(tail)) from None
+
+
+async def _fresh_async(kind: str, requests: int, concurrency: int, tokens: int, url: str) -> float:
+    return await asyncio.to_thread(_fresh, kind, url, requests, concurrency, tokens)
+
+
+def _round_main(argv: Sequence[str]) -> None:
+    """One round of one driver (``_fresh``'s child): prints requests per second."""
+    kind, url, requests, concurrency, tokens = argv
+    n, c, t = int(requests), int(concurrency), int(tokens)
+    if kind == "bare":
+        rate = asyncio.run(_bare_aiohttp(url, n, c, t))
+    else:
+        rate = asyncio.run(_ours(url, n, c, t, kind))
+    print(rate)
+
+
 def _have_aiohttp() -> bool:
     try:
         import aiohttp  # noqa: F401
@@ -235,16 +271,11 @@ def run_selftest(
     server_cpus, client_cpus = _placement()
     result = SelftestResult(requests, concurrency, tokens, server_cpus, client_cpus)
     drivers: dict[str, Callable[[str], Awaitable[float]]] = {}
-    if _have_aiohttp():
-        drivers["server ceiling (bare aiohttp)"] = lambda url: _bare_aiohttp(
-            url, requests, concurrency, tokens
-        )
-        drivers["bench driver (aiohttp)"] = lambda url: _ours(
-            url, requests, concurrency, tokens, "aiohttp"
-        )
-    else:
+    kinds = ["bare", "aiohttp", "httpx"] if _have_aiohttp() else ["httpx"]
+    if len(kinds) == 1:
         result.notes.append("aiohttp is not installed: no server ceiling, no aiohttp driver")
-    drivers["bench driver (httpx)"] = lambda url: _ours(url, requests, concurrency, tokens, "httpx")
+    for kind in kinds:
+        drivers[_IN_PROCESS[kind]] = partial(_fresh_async, kind, requests, concurrency, tokens)
     if vllm_python is not None:
         if tokenizer is None:
             raise ValueError("--vllm-python needs --tokenizer (a Hugging Face tokenizer folder)")
@@ -283,3 +314,7 @@ def format_table(result: SelftestResult) -> list[str]:
         )
     lines += [f"note: {n}" for n in result.notes]
     return lines
+
+
+if __name__ == "__main__":
+    _round_main(sys.argv[1:])
