@@ -13,12 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
+from functools import partial
 from typing import Any, Final, Generic, Self, TypeAlias, TypeVar
 
 from ._core import steps
 from ._core.plan import CallPlan, RetryBudget
 from ._core.requests import Op
-from ._core.steps import Gather, Steps
+from ._core.steps import Gather, Offload, Steps
 from ._transport import Connection
 from .config import (
     AdaptivePolicy,
@@ -264,17 +265,19 @@ class BaseClient(Generic[TransportT]):
         tags: Mapping[str, str] | None,
         content: object = None,
         op: Op[Any] | None = None,
+        admitted: str | None = None,
     ) -> tuple[CallPlan, CallSpan]:
+        """The call's plan and span; ``admitted``: the request id its budget check (run by
+        ``_admit``, off the event loop) already admitted."""
         if self._closed or self._closing:
             raise ClientClosed("client is closed", model=model)
         project = project or self.project
         now = time.monotonic()
-        request_id = new_request_id()
-        if op is None:
-            self.usage.check(project, now, request_id=request_id)
+        if admitted is not None:
+            request_id = admitted
         else:
-            self.usage.check(project, now, request_id=request_id,
-                             prompt_tokens=op.prompt_tokens, max_tokens=op.max_tokens)  # fmt: skip
+            request_id = new_request_id()
+            self._check_budget(project, now, request_id, op)
         total = self.config.timeouts.total_s if isinstance(timeout, NotGiven) else timeout
         plan = CallPlan(
             pool=self._pool,
@@ -300,14 +303,47 @@ class BaseClient(Generic[TransportT]):
         self._calls[plan] = (span, self._owner())
         return plan, span
 
+    def _check_budget(self, project: str, now: float, request_id: str, op: Op[Any] | None) -> None:
+        if op is None:
+            self.usage.check(project, now, request_id=request_id)
+        else:
+            self.usage.check(project, now, request_id=request_id,
+                             prompt_tokens=op.prompt_tokens, max_tokens=op.max_tokens)  # fmt: skip
+
+    def _admit(self, op: Op[Any], project: str | None) -> Steps[str]:
+        """A budget shared through a database is checked in an ``Offload`` (a worker thread
+        for the async driver: a round trip, or a wait for another process's lock, must not
+        stall the event loop); the request id it admitted."""
+        if self._closed or self._closing:
+            raise ClientClosed("client is closed", model=op.model)
+        request_id = new_request_id()
+        check = partial(self._check_budget, project or self.project, time.monotonic(),
+                        request_id, op)  # fmt: skip
+        yield Offload(check)
+        return request_id
+
     # -- the call shapes: step generators that both drivers run -------------------------
     def _calling(self, op: Op[T], project: str | None, timeout: float | NotGiven | None,
                  tags: Mapping[str, str] | None) -> Steps[tuple[T, CallRecord]]:  # fmt: skip
         """A routed non-stream call, accounted: its result and its finished record."""
+        if self.usage.shared:
+            return self._admitted_call(op, project, timeout, tags)
         plan, span = self._plan(op.operation, op.model, stream=False, project=project,
                                 timeout=timeout, tags=tags, content=op.content, op=op)  # fmt: skip
         body = steps.call(plan, op, span.headers(), self.config.hedging)
         return self._accounted(plan, span, body if self._started else self._first(body))
+
+    def _admitted_call(self, op: Op[T], project: str | None, timeout: float | NotGiven | None,
+                       tags: Mapping[str, str] | None) -> Steps[tuple[T, CallRecord]]:  # fmt: skip
+        """``_calling`` with the budget checked first, in an ``Offload``."""
+        request_id = yield from self._admit(op, project)
+        plan, span = self._plan(op.operation, op.model, stream=False, project=project,
+                                timeout=timeout, tags=tags, content=op.content, op=op,
+                                admitted=request_id)  # fmt: skip
+        body = steps.call(plan, op, span.headers(), self.config.hedging)
+        return (
+            yield from self._accounted(plan, span, body if self._started else self._first(body))
+        )
 
     def _streaming(self, op: Op[Parsed], make: Callable[[CallRecord, Piece], Any],
                    project: str | None, timeout: float | NotGiven | None,
@@ -315,8 +351,10 @@ class BaseClient(Generic[TransportT]):
         """A routed stream, accounted: yields ``Deliver(chunk)`` for each chunk."""
         if not self._started:
             yield from self._lazy_start()
+        admitted = (yield from self._admit(op, project)) if self.usage.shared else None
         plan, span = self._plan(op.operation, op.model, stream=True, project=project,
-                                timeout=timeout, tags=tags, content=op.content, op=op)  # fmt: skip
+                                timeout=timeout, tags=tags, content=op.content, op=op,
+                                admitted=admitted)  # fmt: skip
         yield from self._accounted(plan, span, steps.stream(plan, op, span.headers(), make))
 
     def _listing(

@@ -32,6 +32,7 @@ from ._core.steps import (
     Gather,
     Head,
     IOOp,
+    Offload,
     Race,
     Read,
     Send,
@@ -365,6 +366,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         if isinstance(op, Gather):
             parts = (self._run(part) for part in op.parts)
             return _gathered(await asyncio.gather(*parts, return_exceptions=True))
+        if isinstance(op, Offload):
+            return await asyncio.to_thread(op.fn)
         assert isinstance(op, Send | Read | Sleep)
         if self._closing:
             raise _closed_error(op)
@@ -973,6 +976,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             return self._race(op)
         if isinstance(op, Gather):
             return self._gather(op)
+        if isinstance(op, Offload):
+            return op.fn()
         assert isinstance(op, Send | Read)
         limit, total = _limit(op)
         if limit is not None and limit <= 0:

@@ -34,6 +34,7 @@ __all__ = [
     "WALL",
     "Close",
     "Deliver",
+    "Offload",
     "Gather",
     "Head",
     "IOOp",
@@ -158,6 +159,14 @@ class Gather:
 
 
 @dataclass(frozen=True, slots=True)
+class Offload:
+    """Run ``fn()`` (blocking work: a database round trip) and return its result; the async
+    driver runs it in a worker thread, off the event loop."""
+
+    fn: Callable[[], Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Deliver:
     """Streams only: hand ``chunk`` to the caller; the steps resume when it asks for more
     (or get ``StreamAbandoned`` thrown in when it stops reading)."""
@@ -176,7 +185,7 @@ class StreamAbandoned(BaseException):
 
 NOW = _Now()
 WALL = _Wall()
-IOOp: TypeAlias = Send | Read | Close | _Now | _Wall | Sleep | Race | Gather | Deliver
+IOOp: TypeAlias = Send | Read | Close | _Now | _Wall | Sleep | Race | Gather | Deliver | Offload
 Steps: TypeAlias = Generator[IOOp, Any, T]
 
 

@@ -44,6 +44,9 @@ class UsageTracker:
         self.ledger = ledger
         # Shared across processes through the ledger's location (see usage.limits).
         self.gate = BudgetGate.for_usage(budgets or {}, config, ledger)
+        #: Budgets are checked in a shared store (a database round trip per call): the
+        #: clients run the check off the event loop.
+        self.shared = self.gate.limits is not None
 
     def __call__(self, record: CallRecord) -> None:
         """Record a finished call: queue its ledger row, count its tokens. Never blocks."""

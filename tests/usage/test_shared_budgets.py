@@ -322,3 +322,51 @@ def test_lost_settlement_is_logged_without_the_password(
         assert password not in str(caught.value)
     finally:
         gate.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_async_budget_check_waits_off_the_event_loop(tmp_path: Path, stream: bool) -> None:
+    """While another process holds the shared store's lock, a call's budget check waits in
+    a worker thread: the event loop keeps running, and here it is the loop itself that lets
+    the lock go. Checked inline, the wait would stall the loop until the store's busy
+    timeout and the call would fail with ``BudgetUnavailable``."""
+    import asyncio
+    import sqlite3
+    import threading
+
+    from shared_ollama import SharedClient
+
+    location = str(tmp_path / "u.sqlite3")
+    budget = Budget(requests_per_minute=100)
+    with FakeEngine(kind="ollama", models=(MODEL,), timing=TIMING) as engine:
+        kw = client_kwargs(usage=UsageConfig(path=location), budgets={"tests": budget})
+        async with SharedClient(endpoints=[Endpoint(url=engine.url, kind="ollama")], **kw) as c:
+            limits = c.usage.gate.limits
+            assert limits is not None and c.usage.shared
+            entered = threading.Event()
+            admit = limits.admit
+
+            def watched(*args: Any, **kwargs: Any) -> Any:
+                entered.set()
+                return admit(*args, **kwargs)
+
+            messages = [{"role": "user", "content": "hi"}]
+            await c.chat(MODEL, messages)  # the store exists (its schema, WAL mode)
+            limits.admit = watched  # type: ignore[method-assign]
+            holder = sqlite3.connect(_store_location(location), isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # what another process's admission holds
+            if stream:
+
+                async def streamed() -> int:
+                    return len([x async for x in await c.chat(MODEL, messages, stream=True)])
+
+                call = asyncio.ensure_future(streamed())
+            else:
+                call = asyncio.ensure_future(c.chat(MODEL, messages))
+            await asyncio.to_thread(entered.wait, 30)  # the check is waiting for the lock
+            assert not call.done()
+            holder.execute("ROLLBACK")  # the loop runs: it lets the other "process" finish
+            holder.close()
+            result = await call
+    assert result
+    assert engine.stats.requests["/api/chat"] == 2
