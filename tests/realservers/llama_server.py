@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -67,6 +68,10 @@ _WORDS_TEXT = (
 ALLOWED_WORDS = tuple(_WORDS_TEXT.split())
 _PUNCTUATION = (".", ",", "!", "?")
 _SPECIALS = ("<unk>", "<s>", "<|im_start|>", "<|im_end|>")
+# make_tiny_gguf(emit="letters"): single letters only. No "a" ("▁a" is a word) and no
+# "▁": no two emitted pieces merge into a vocabulary entry, so a reply reads back as the
+# very tokens that produced it.
+_LETTERS = frozenset(chr(code) for code in range(ord("b"), ord("z") + 1))
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -275,15 +280,23 @@ def _weights(n_vocab: int, allowed: Sequence[int]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def make_tiny_gguf(path: Path) -> Path:
+def make_tiny_gguf(path: Path, *, emit: Literal["words", "letters"] = "words") -> Path:
     """Write a ~0.55 MB random-weight Llama GGUF (chatml template) to ``path`` and return it.
 
     It emits only plain words and punctuation, never EOS: a generation ends at ``max_tokens``
     (finish_reason "length") or at a stop string. Deterministic: same bytes every time.
+
+    The tokenizer never reaches the word tokens (no merge path leads to them: text reads as
+    single characters), so a reply of words comes back in the next turn's prompt as other,
+    more tokens and the server's prompt cache ends where the reply starts. ``emit="letters"``
+    makes a model that emits single letters, which read back as the same tokens: a
+    conversation's prefix is reused as with a real model (benchmarks/affinity.py).
     """
     import gguf
 
     tokens, scores, types, allowed = _vocabulary()
+    if emit == "letters":
+        allowed = [index for index, text in enumerate(tokens) if text in _LETTERS]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(str(partial), "llama")
@@ -324,6 +337,9 @@ class LlamaServer(ServerProcess):
     ``LlamaServer(model, log_path=...).start()`` (or ``with``), then ``.url``, ``.stop()``,
     ``.kill()``, ``.restart()``. ``api_key`` turns on bearer auth (``/health`` stays public).
     It runs on ``cpus`` (default: the placement policy's server CPU) with one thread per CPU.
+    ``test_flags=False`` leaves out the test suite's own flags (``-n 256 --metrics
+    --embeddings --pooling mean``): llama.cpp's defaults but for ``ctx_size``, ``parallel``
+    (-1: auto) and the threads.
     """
 
     name = "llama-server"
@@ -341,6 +357,8 @@ class LlamaServer(ServerProcess):
         stop_timeout: float = 10.0,
         extra_args: Sequence[str] = (),
         cpus: frozenset[int] | str | None = "policy",
+        ctx_size: int = _N_CTX,
+        test_flags: bool = True,
     ) -> None:
         super().__init__(
             log_path=log_path,
@@ -355,6 +373,8 @@ class LlamaServer(ServerProcess):
         # More threads than CPUs would spin against each other on a pinned server.
         self.threads = threads if threads is not None else len(self.cpus or (0, 1))
         self.extra_args = tuple(extra_args)
+        self.ctx_size = ctx_size
+        self.test_flags = test_flags
         self.model_name = MODEL_ALIAS
 
     def command(self, port: int) -> list[str]:
@@ -369,19 +389,15 @@ class LlamaServer(ServerProcess):
             "--port",
             str(port),
             "-c",
-            str(_N_CTX),
+            str(self.ctx_size),
             "-np",
             str(self.parallel),
             "-t",
             str(self.threads),
-            "-n",
-            "256",
-            "--metrics",
-            "--embeddings",
-            "--pooling",
-            "mean",
-            *self.extra_args,
         ]
+        if self.test_flags:
+            command += ["-n", "256", "--metrics", "--embeddings", "--pooling", "mean"]
+        command += self.extra_args
         if self.api_key is not None:
             command += ["--api-key", self.api_key]
         return command
