@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -63,6 +64,10 @@ REPLY_TOKENS = 240  # every reply (the tiny model never stops early: exactly thi
 # CPU is about a fifth busy, as a chat deployment runs (not saturated).
 THINK_MEAN_S = 8.0
 # Server flags: llama.cpp's defaults but for these two (and -t, one thread per pinned CPU).
+# Placement: each server on a CPU of its own (as each would have its own machine in a
+# deployment), the light client (16 sessions pausing between turns) beside them. Two servers on
+# one shared CPU made every prefill wait for the other server's decoding.
+SERVER_PER_CPU = True
 CTX_SIZE = 2 * 2048  # -c: 2,048 tokens a slot (the tiny model's trained context, the cap)
 PARALLEL = SLOTS_PER_SERVER  # -np (explicit slots: a KV region each, not one unified)
 # Kept at their defaults, and why they matter: --cache-ram 8192 (MiB of host memory for
@@ -204,8 +209,10 @@ def start_servers(
     """``SERVERS`` llama-servers with llama.cpp's defaults but ``-c``/``-np`` (and ``-t``),
     on the placement policy's server CPU; all stopped again if one fails to start."""
     servers: list[LlamaServer] = []
+    cpus = sorted(os.sched_getaffinity(0))
     try:
         for index in range(SERVERS):
+            own = frozenset({cpus[index % len(cpus)]}) if SERVER_PER_CPU else "policy"
             server = LlamaServer(
                 model,
                 binary=binary,
@@ -213,6 +220,7 @@ def start_servers(
                 parallel=parallel,
                 ctx_size=CTX_SIZE,
                 test_flags=False,
+                cpus=own,
             )
             servers.append(server.start())
     except BaseException:
@@ -453,8 +461,9 @@ def main() -> int:
     finally:
         for server in servers:
             server.stop()
-    # The client on the other CPUs; the servers (started per strategy) on the first one.
-    with pinned(client_cpus()):
+    # The servers (started per strategy) on a CPU each and the client beside them, or the
+    # servers on the first CPU and the client on the others.
+    with pinned(None if SERVER_PER_CPU else client_cpus()):
         for strategy in STRATEGIES:
             outcomes[strategy] = run_strategy(model, out, strategy, w, binary=binary)
             o = outcomes[strategy]
