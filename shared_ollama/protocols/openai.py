@@ -264,7 +264,8 @@ class OpenAIStream(FramedStream[SSEEvent]):
         piece = Piece(served_model=opt_str(obj, "model", what))
         if "timings" in obj:  # llama.cpp's, on its last chunk
             piece.server_timings = _llamacpp_timings(obj, what)
-        piece.cached_tokens = cached_tokens(obj, what)
+        if "usage" in obj or "timings" in obj:  # only where they are: this runs every chunk
+            piece.cached_tokens = cached_tokens(obj, what)
         choice = _first_choice(obj, what)
         if choice is not None:
             if self._chat:
