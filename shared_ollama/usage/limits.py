@@ -453,14 +453,31 @@ class SqliteLimits(LimitStore):
                 check_same_thread=False,
             )
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute(_SCHEMA)
+                self._set_up(conn)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
         return self._conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL answers "database is locked" at once, without SQLite's
+        # busy handler, while another process does the same: processes starting together
+        # retry here (bounded by the busy timeout) instead of refusing their first calls.
+        give_up = time.monotonic() + self._busy_timeout_s
+        pause = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                text = str(exc)
+                if ("locked" not in text and "busy" not in text) or time.monotonic() > give_up:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def _begin(self, conn: sqlite3.Connection, project: str) -> None:
         # IMMEDIATE takes the file's write lock now: the sums read below cannot go stale.
@@ -520,7 +537,12 @@ class PostgresLimits(LimitStore):
                 application_name="shared_ollama budgets",
             )
             try:
-                conn.execute(_SCHEMA)
+                # CREATE TABLE IF NOT EXISTS is not safe against itself in PostgreSQL (two
+                # processes starting together can both try to create the table's type): the
+                # first to take this lock creates the schema, the others then find it.
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(hashtext('shared_ollama budgets'))")
+                    conn.execute(_SCHEMA)
             except BaseException:
                 conn.close()
                 raise

@@ -13,7 +13,7 @@ from shared_ollama import (
     UsageConfig,
 )
 from shared_ollama.config import Budget
-from shared_ollama.errors import BudgetExceeded
+from shared_ollama.errors import BudgetExceeded, BudgetUnavailable
 from shared_ollama.records import CallRecord
 from shared_ollama.usage.budget import BudgetGate
 from shared_ollama.usage.limits import open_limits
@@ -39,6 +39,8 @@ def admit_requests(location: str, barrier: Barrier, limit: int, tries: int, now:
         for _ in range(tries):
             try:
                 gate.admit(PROJECT, 0.0)
+            except BudgetUnavailable:
+                raise  # a store failure is not a refusal: the test must see it
             except BudgetExceeded:
                 continue
             admitted += 1
@@ -85,6 +87,8 @@ def call_until_refused(
                     [{"role": "user", "content": prompt}],
                     options={"num_predict": max_tokens},
                 )
+            except BudgetUnavailable:
+                raise  # a store failure is not a refusal: the test must see it
             except BudgetExceeded:
                 break
     finally:
