@@ -152,7 +152,9 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+def connect_sqlite(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+    """A connection to the SQLite file ``path`` in WAL mode, for one process among several
+    (the ledger's, and the budget store's beside it)."""
     if path != MEMORY:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: we issue BEGIN/COMMIT ourselves; timeout= is SQLite's busy
@@ -209,7 +211,7 @@ class SQLiteBackend(LedgerBackend):
 
     def _open(self) -> sqlite3.Connection:
         try:
-            conn = _connect(self._path, self._busy_timeout_s)
+            conn = connect_sqlite(self._path, self._busy_timeout_s)
             try:
                 migrate(conn)
             except BaseException:

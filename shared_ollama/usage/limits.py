@@ -43,7 +43,7 @@ from typing import Any, Final, TypeVar
 
 from ..config import Budget
 from ..errors import BudgetExceeded, BudgetUnavailable, ConfigError
-from .backends import is_url, redact, scrub, secrets_of
+from .backends import connect_sqlite, is_url, redact, scrub, secrets_of
 
 __all__ = [
     "Admission",
@@ -443,41 +443,17 @@ class SqliteLimits(LimitStore):
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: BEGIN IMMEDIATE below is ours; timeout= is SQLite's busy
-            # handler (waits for another process's write lock).
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._busy_timeout_s,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            # The ledger's own connection: WAL, its retried switch to WAL (processes starting
+            # together), and SQLite's busy handler for another process's write lock;
+            # BEGIN IMMEDIATE below is ours.
+            conn = connect_sqlite(str(self.path), self._busy_timeout_s)
             try:
-                self._set_up(conn)
+                conn.execute(_SCHEMA)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
         return self._conn
-
-    def _set_up(self, conn: sqlite3.Connection) -> None:
-        # Switching a new file to WAL answers "database is locked" at once, without SQLite's
-        # busy handler, while another process does the same: processes starting together
-        # retry here (bounded by the busy timeout) instead of refusing their first calls.
-        give_up = time.monotonic() + self._busy_timeout_s
-        pause = 0.005
-        while True:
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute(_SCHEMA)
-                return
-            except sqlite3.OperationalError as exc:
-                text = str(exc)
-                if ("locked" not in text and "busy" not in text) or time.monotonic() > give_up:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
 
     def _begin(self, conn: sqlite3.Connection, project: str) -> None:
         # IMMEDIATE takes the file's write lock now: the sums read below cannot go stale.
