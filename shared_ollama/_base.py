@@ -324,12 +324,15 @@ class BaseClient(Generic[TransportT]):
 
     # -- the call shapes: step generators that both drivers run -------------------------
     def _calling(self, op: Op[T], project: str | None, timeout: float | NotGiven | None,
-                 tags: Mapping[str, str] | None) -> Steps[tuple[T, CallRecord]]:  # fmt: skip
-        """A routed non-stream call, accounted: its result and its finished record."""
-        if self.usage.shared:
+                 tags: Mapping[str, str] | None,
+                 admitted: str | None = None) -> Steps[tuple[T, CallRecord]]:  # fmt: skip
+        """A routed non-stream call, accounted: its result and its finished record
+        (``admitted``: the request id ``_admit`` already checked the budget for)."""
+        if self.usage.shared and admitted is None:
             return self._admitted_call(op, project, timeout, tags)
         plan, span = self._plan(op.operation, op.model, stream=False, project=project,
-                                timeout=timeout, tags=tags, content=op.content, op=op)  # fmt: skip
+                                timeout=timeout, tags=tags, content=op.content, op=op,
+                                admitted=admitted)  # fmt: skip
         body = steps.call(plan, op, span.headers(), self.config.hedging)
         return self._accounted(plan, span, body if self._started else self._first(body))
 
@@ -337,13 +340,7 @@ class BaseClient(Generic[TransportT]):
                        tags: Mapping[str, str] | None) -> Steps[tuple[T, CallRecord]]:  # fmt: skip
         """``_calling`` with the budget checked first, in an ``Offload``."""
         request_id = yield from self._admit(op, project)
-        plan, span = self._plan(op.operation, op.model, stream=False, project=project,
-                                timeout=timeout, tags=tags, content=op.content, op=op,
-                                admitted=request_id)  # fmt: skip
-        body = steps.call(plan, op, span.headers(), self.config.hedging)
-        return (
-            yield from self._accounted(plan, span, body if self._started else self._first(body))
-        )
+        return (yield from self._calling(op, project, timeout, tags, request_id))
 
     def _streaming(self, op: Op[Parsed], make: Callable[[CallRecord, Piece], Any],
                    project: str | None, timeout: float | NotGiven | None,
