@@ -186,7 +186,7 @@ class EndpointState:
     # -- load -------------------------------------------------------------------------
     def try_acquire(self, tokens: int = 0) -> bool:
         """Take an in-flight slot (holding ``tokens``) if the cap allows."""
-        cap = self.fixed_cap if self.adaptive is None else self.adaptive.limit
+        cap = self.cap
         with self._lock:
             if cap is not None and self.in_flight >= cap:
                 return False

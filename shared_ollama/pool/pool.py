@@ -178,7 +178,7 @@ class Pool:
         if ep.backoff_until > now:
             wait = ep.backoff_until - now
             return f"backing off {wait:.1f}s (server asked: Retry-After)", wait, False
-        cap = ep.fixed_cap if ep.adaptive is None else ep.adaptive.limit
+        cap = ep.cap
         if cap is not None and ep.in_flight >= cap:
             return f"saturated ({ep.in_flight}/{cap} in flight)", _SATURATED_RECHECK_S, True
         return None, None, False
