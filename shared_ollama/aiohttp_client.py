@@ -107,6 +107,19 @@ class AiohttpSharedClient(SharedClient):
         else:
             response.close()  # abandoned mid-body: the connection cannot be reused
 
+    def _ready(self, op: Read) -> bytes | None:
+        content = op.head.handle.response.content
+        if content.exception() is not None:
+            return None  # the read raises it, mapped as every other transport error
+        if op.phase_deadline is not None or op.deadline is not None:
+            limit, _ = _limit(op)
+            if limit is not None and limit <= 0:
+                return None  # past a deadline: the read raises the Timeout
+        data: bytes = content.read_nowait()
+        if data:
+            return data
+        return b"" if content.at_eof() else None
+
     async def _perform_io(self, op: Send | Read) -> Any:
         limit, total = _limit(op)
         try:

@@ -371,6 +371,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         assert isinstance(op, Send | Read | Sleep)
         if self._closing:
             raise _closed_error(op)
+        if type(op) is Read and not op.whole and (ready := self._ready(op)) is not None:
+            return ready or None  # no await: nothing for a close to cancel
         task = asyncio.current_task()
         assert task is not None
         performing = self._performing
@@ -395,6 +397,11 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                 del performing[task]
             else:
                 performing[task] -= 1
+
+    def _ready(self, op: Read) -> bytes | None:
+        """A stream's bytes the transport already holds (``b""`` at its end), taken without
+        a timer or a coroutine; None when the read has to wait. httpx cannot say."""
+        return None
 
     async def _close_reply(self, reply: _Reply) -> None:
         """Close a reply (read or not) and give its shard back."""

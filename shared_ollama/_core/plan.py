@@ -502,7 +502,8 @@ class CallPlan:
             rec.served_model = piece.served_model
         if piece.cached_tokens is not None:
             rec.cached_tokens = piece.cached_tokens
-        rec.server_timings.update(piece.server_timings)
+        if piece.server_timings:
+            rec.server_timings.update(piece.server_timings)
         deliver = bool(piece.text or piece.thinking or piece.tool_calls or piece.done)
         if deliver:
             if rec.t_first_chunk_ns is None:

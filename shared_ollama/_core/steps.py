@@ -90,7 +90,9 @@ class Send:
     model: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and a stream
+# makes a Read for every read and a Deliver for every chunk.
+@dataclass(slots=True)
 class Read:
     """Read the whole body (``whole``) or the next bytes of a stream (None at its end)."""
 
@@ -166,7 +168,7 @@ class Offload:
     fn: Callable[[], Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
     """Streams only: hand ``chunk`` to the caller; the steps resume when it asks for more
     (or get ``StreamAbandoned`` thrown in when it stops reading)."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -37,6 +38,9 @@ class ProgressSink(Protocol):
 
     def end_phase(self) -> None:
         """The phase ended (all its calls are done)."""
+
+
+_PREDRAWN = 10_000  # requests a closed-loop phase draws before its clock starts
 
 
 @dataclass
@@ -173,11 +177,19 @@ class Runner:
         if self.progress is not None:
             self.progress.start_phase(plan.name, plan.stop)
         self.mix.begin_phase()
+        # A closed-loop phase of a known count has its requests drawn before the clock starts
+        # (as vLLM's client does): sending then costs no workload generation. Up to
+        # _PREDRAWN of them (their prompts are held meanwhile); the rest as they go.
+        drawn = None
+        stop = plan.stop
+        closed = isinstance(plan.schedule, ClosedLoop)
+        if closed and stop.requests is not None and self.mix.sessions is None:
+            drawn = deque(self.mix.next() for _ in range(min(stop.requests, _PREDRAWN)))
         t_start = time.monotonic_ns()
         cpu_start = time.thread_time()  # this thread runs the loop: every request's driver
         try:
             if isinstance(plan.schedule, ClosedLoop):
-                ended = await self._closed(plan, plan.schedule, t_start)
+                ended = await self._closed(plan, plan.schedule, t_start, drawn)
             else:
                 ended = await self._open(plan, plan.schedule, t_start)
         finally:
@@ -192,7 +204,7 @@ class Runner:
         return PhaseRun(plan, t_start, t_end, reason, requests, unrecorded, cpu_s)
 
     async def _closed(
-        self, plan: PhasePlan, sched: ClosedLoop, t0: int
+        self, plan: PhasePlan, sched: ClosedLoop, t0: int, drawn: deque[RequestSpec] | None
     ) -> Literal["requests", "duration"]:
         stop = plan.stop
         deadline = None if stop.duration_s is None else t0 + int(stop.duration_s * 1e9)
@@ -210,10 +222,13 @@ class Runner:
                 left -= 1
             return True
 
+        def next_spec() -> RequestSpec:
+            return drawn.popleft() if drawn else self.mix.next()
+
         async def worker(offset_s: float) -> None:
             await _sleep_until(t0 + int(offset_s * 1e9))
             while may_send():
-                await self._send(self.mix.next(), plan.name, None)
+                await self._send(next_spec(), plan.name, None)
 
         async def session_worker(offset_s: float) -> None:
             await _sleep_until(t0 + int(offset_s * 1e9))

@@ -8,7 +8,7 @@ reads the clock and never sees credentials: the drivers add auth and tracing hea
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -114,6 +114,31 @@ class Parsed:
     cached_tokens: int | None = None
 
 
+class _NoTimings(Mapping[str, float]):
+    """An empty, read-only, hashable mapping: the shared default of ``Piece.server_timings``
+    (a dataclass default must be hashable; a dict made per chunk cost a call each)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> float:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+_NO_TIMINGS: Mapping[str, float] = _NoTimings()
+
+
 @dataclass(slots=True)
 class Piece:
     """One decoded stream event.
@@ -132,7 +157,8 @@ class Piece:
     input_tokens: int | None = None
     output_tokens: int | None = None
     served_model: str | None = None
-    server_timings: dict[str, float] = field(default_factory=dict)
+    #: Read-only (the empty default is shared).
+    server_timings: Mapping[str, float] = _NO_TIMINGS
     thinking: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     #: True when the stream's terminator was seen (Ollama ``done``, SSE ``[DONE]``, TGI

@@ -260,27 +260,53 @@ class OpenAIStream(FramedStream[SSEEvent]):
         return [self._chunk(obj)]
 
     def _chunk(self, obj: dict[str, Any]) -> Piece:
+        # Runs on every chunk, so the common fields are checked inline (isinstance, not an
+        # accessor call each); a wrong type still goes through the accessor that names it.
         what = self._what
-        piece = Piece(served_model=opt_str(obj, "model", what))
+        model = obj.get("model")
+        if model is not None and not isinstance(model, str):
+            opt_str(obj, "model", what)  # raises ProtocolError
+        piece = Piece(served_model=model)
+        has_usage = "usage" in obj
         if "timings" in obj:  # llama.cpp's, on its last chunk
             piece.server_timings = _llamacpp_timings(obj, what)
-        if "usage" in obj or "timings" in obj:  # only where they are: this runs every chunk
             piece.cached_tokens = cached_tokens(obj, what)
-        choice = _first_choice(obj, what)
+        elif has_usage:
+            piece.cached_tokens = cached_tokens(obj, what)
+        choices = obj.get("choices")
+        choice: dict[str, Any] | None = None
+        if choices:
+            if not isinstance(choices, list):
+                opt_list(obj, "choices", what)  # raises
+            # We never ask for n > 1, so the first choice is the only one.
+            choice = expect_dict(choices[0], what)
+        elif choices is not None and not isinstance(choices, list):
+            opt_list(obj, "choices", what)  # raises
         if choice is not None:
             if self._chat:
                 delta = opt_dict(choice, "delta", what) or {}
-                piece.text = opt_str(delta, "content", what) or ""
-                piece.thinking = _reasoning(delta, what)
-                # Deltas carry argument fragments: passed raw, the caller joins them.
-                calls = opt_list(delta, "tool_calls", what)
-                piece.tool_calls = None if calls is None else [expect_dict(c, what) for c in calls]
+                text = delta.get("content")
+                if "reasoning_content" in delta or "reasoning" in delta:
+                    piece.thinking = _reasoning(delta, what)
+                if "tool_calls" in delta:
+                    # Deltas carry argument fragments: passed raw, the caller joins them.
+                    calls = opt_list(delta, "tool_calls", what)
+                    piece.tool_calls = (
+                        None if calls is None else [expect_dict(c, what) for c in calls]
+                    )
+                source, key = delta, "content"
             else:
-                piece.text = opt_str(choice, "text", what) or ""
-            if reason := opt_str(choice, "finish_reason", what):
+                text = choice.get("text")
+                source, key = choice, "text"
+            if text is not None:
+                piece.text = text if isinstance(text, str) else opt_str(source, key, what) or ""
+            reason = choice.get("finish_reason")
+            if reason is not None and not isinstance(reason, str):
+                opt_str(choice, "finish_reason", what)  # raises
+            if reason:
                 piece.done = True
                 piece.done_reason = self._finish_reason(reason) if self._finish_reason else reason
-        if opt_dict(obj, "usage", what) is not None:
+        if has_usage and opt_dict(obj, "usage", what) is not None:
             piece.input_tokens, piece.output_tokens = _usage(obj, what)
             if choice is not None and not piece.done:
                 self._continuous = True

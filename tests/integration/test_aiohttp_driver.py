@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -116,6 +117,44 @@ def test_an_oversized_body_is_refused_within_the_bound() -> None:
 
     error = asyncio.run(run())
     assert "larger than 100000 bytes" in str(error)
+
+
+def test_a_trickled_stream_ends_at_its_deadline() -> None:
+    """Bytes that never make a chunk do not keep a stream alive: the reads that find bytes
+    already buffered (taken without a timer) still end at the phase's deadline."""
+    line = b'data: {"model": "m", "choices": [{"index": 0, "text": "hi"}]}\n\n'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+
+    def trickled() -> Iterator[bytes]:
+        yield head
+        for byte in line * 50:
+            time.sleep(0.02)  # the hostile server's pacing: a line takes over a second
+            yield bytes([byte])
+
+    def respond(method: str, path: str) -> Any:
+        if method == "GET":
+            return http_reply(200, b'{"object": "list", "data": []}')
+        return trickled()
+
+    async def run() -> tuple[BaseException | None, int]:
+        with HostileServer(respond) as server:
+            ep = Endpoint(server.url, kind="openai", models=[MODEL])
+            kw = client_kwargs(
+                timeouts=Timeouts(first_chunk_s=0.5, between_chunks_s=0.5),
+                retry=RetryPolicy(max_attempts=1),
+            )
+            chunks = 0
+            async with AiohttpSharedClient(endpoints=[ep], **kw) as client:
+                try:
+                    async for _ in await client.generate(MODEL, "hi", stream=True):
+                        chunks += 1
+                except Timeout as exc:
+                    return exc, chunks
+        return None, chunks
+
+    error, chunks = asyncio.run(run())
+    assert isinstance(error, Timeout) and error.phase == "first_chunk"
+    assert chunks == 0
 
 
 def test_socks_proxies_and_httpx_transports_are_refused_with_a_config_error() -> None:

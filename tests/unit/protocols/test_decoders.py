@@ -416,3 +416,25 @@ def test_stream_error_from_text_or_object() -> None:
     assert stream_error("plain words").server_message == "plain words"
     assert stream_error({"error": "x" * 2000}).server_message == "x" * 497 + "..."
     assert stream_error({}).server_message == "error event in the stream"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [('{"a": [1, 2.5, "x", null, true]}', {"a": [1, 2.5, "x", None, True]}),
+     (' {"a": 1} \n', {"a": 1}), ("[]", []), ("3", 3), ('"s"', "s"),
+     (b'{"b": "\xc3\xa9"}', {"b": "\u00e9"})],
+)  # fmt: skip
+def test_decode_json_values(text: str | bytes, value: object) -> None:
+    assert decode_json(text, "test") == value
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 1} x', '{"a": 1}{"b": 2}', "", "  ", "\ufeff{}", '{"a": ', "nul", "[1,]",
+     "[" * 100_000 + "]" * 100_000],
+)  # fmt: skip
+def test_decode_json_refuses_what_json_loads_refuses(text: str) -> None:
+    # The fast path (the C scanner on its own) must not accept trailing data or anything
+    # json.loads would refuse, and deep nesting is a ProtocolError, not a RecursionError.
+    with pytest.raises(ProtocolError):
+        decode_json(text, "test")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pytest
 
@@ -484,6 +485,46 @@ def test_llamacpp_error_field_event() -> None:
 def test_malformed_chunks(event: bytes) -> None:
     with pytest.raises(ProtocolError):
         codec.stream_parser("chat").feed(event)
+
+
+@pytest.mark.parametrize(
+    ("operation", "event"),
+    [
+        # Checked inline on every chunk (not through the accessors): each wrong type still
+        # ends in ProtocolError, in both parsers.
+        *(
+            (op, e)
+            for op in ("chat", "generate")
+            for e in (
+                b'data: {"model": 5, "choices": []}\n\n',
+                b'data: {"choices": "abc"}\n\n',
+                b'data: {"choices": 0}\n\n',
+                b'data: {"choices": [null]}\n\n',
+                b'data: {"choices": [{"finish_reason": ["stop"]}]}\n\n',
+                b'data: {"choices": [], "usage": []}\n\n',
+                b'data: {"choices": [], "timings": 1}\n\n',
+            )
+        ),
+        ("generate", b'data: {"choices": [{"text": 5}]}\n\n'),
+        ("chat", b'data: {"choices": [{"delta": {"reasoning": 1}}]}\n\n'),
+        ("chat", b'data: {"choices": [{"delta": {"tool_calls": {}}}]}\n\n'),
+        ("chat", b'data: {"choices": [{"delta": {"tool_calls": [1]}}]}\n\n'),
+    ],
+)
+def test_malformed_chunks_every_field(operation: Literal["chat", "generate"], event: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        codec.stream_parser(operation).feed(event)
+
+
+def test_chunk_with_null_fields_is_an_empty_piece() -> None:
+    data = b'data: {"model": null, "choices": [{"text": null, "finish_reason": null}]}\n\n'
+    [piece] = codec.stream_parser("generate").feed(data)
+    assert (piece.text, piece.done, piece.served_model, piece.server_timings) == (
+        "",
+        False,
+        None,
+        {},
+    )
 
 
 def test_empty_tool_list_is_not_sent() -> None:
