@@ -253,6 +253,8 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         freed, self._slot_freed = self._slot_freed, None
         if freed is not None and not freed.done():
             freed.set_result(None)
+        if not (admission := self._pool.admission).idle:
+            admission.wake(time.monotonic())
 
     def _call_finished(self) -> None:
         if self._recorded is not None:
@@ -413,6 +415,22 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         """A backoff sleeps; a wait for a slot ends at the next release."""
         if not op.slot:
             await asyncio.sleep(op.seconds)
+            return
+        if (ticket := op.ticket) is not None:  # in admission's order: woken in its turn
+            woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def wake() -> None:
+                if not woken.done():
+                    woken.set_result(None)
+
+            admission = self._pool.admission
+            admission.sleeping(ticket, wake)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(op.seconds):
+                        await woken
+            finally:
+                admission.awake(ticket)
             return
         if self._slot_freed is None:
             self._slot_freed = asyncio.get_running_loop().create_future()
@@ -865,6 +883,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         #: Calls waiting for a free slot sleep on this; a release wakes them.
         self._slot_freed = threading.Condition()
         self._slot_waiters = 0
+        #: Calls asleep in admission's order (each on its own event): close sets them all.
+        self._ticket_sleeps: set[threading.Event] = set()
         #: Guards the shards' free-connection counts (``Connection.take``/``give``).
         self._shards_lock = threading.Lock()
         watched = [watch_transport(t) for c in self._http.values() for t in c.transports]
@@ -877,6 +897,8 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
         if self._slot_waiters:  # no lock on the hot path when nobody waits
             with self._slot_freed:
                 self._slot_freed.notify_all()
+        if not (admission := self._pool.admission).idle:
+            admission.wake(time.monotonic())
 
     def _call_finished(self) -> None:
         if self._closing:
@@ -921,6 +943,10 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             return
         self._closing = True
         self._stop.set()
+        with self._slot_freed:
+            for woken in self._ticket_sleeps:
+                woken.set()
+            self._slot_freed.notify_all()
         waiting = self._calls_of(self._watchdog.ring_all())
         with self._recorded:
             self._recorded.wait_for(
@@ -1016,12 +1042,26 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             if self._stop.wait(op.seconds):
                 raise _closed_error(op)
             return
-        with self._slot_freed:
-            self._slot_waiters += 1
+        if (ticket := op.ticket) is not None:  # in admission's order: woken in its turn
+            woken = threading.Event()
+            admission = self._pool.admission
+            with self._slot_freed:
+                self._ticket_sleeps.add(woken)
+            admission.sleeping(ticket, woken.set)
             try:
-                self._slot_freed.wait(op.seconds)
+                if not self._closing:
+                    woken.wait(op.seconds)
             finally:
-                self._slot_waiters -= 1
+                admission.awake(ticket)
+                with self._slot_freed:
+                    self._ticket_sleeps.discard(woken)
+        else:
+            with self._slot_freed:
+                self._slot_waiters += 1
+                try:
+                    self._slot_freed.wait(op.seconds)
+                finally:
+                    self._slot_waiters -= 1
         if self._closing:
             raise _closed_error(op)
 

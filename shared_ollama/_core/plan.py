@@ -290,6 +290,11 @@ class CallPlan:
                                  retry_in=min(_ADMISSION_RECHECK_S, until - now),
                                  saturated=True, **kw)  # fmt: skip
 
+    def waiting_ticket(self) -> Ticket | None:
+        """The call's admission ticket while it waits in admission for a slot, else None."""
+        t = self.ticket
+        return t if self.slot_wait and t is not None and t.waiting else None
+
     def _admitted(self, now: float) -> None:
         """The call took a slot: it leaves the wait (a hedge's copy was admitted already)."""
         if self.ticket is not None and len(self.open) == 0:

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 from ..config import Endpoint, HealthPolicy, Limits, ScrapePolicy
 from ..errors import ClientClosed, NoEndpointAvailable, SharedOllamaError
 from ..pool import AUTO_PROBES, EndpointState, detect_kind, next_probe_delay
+from ..pool.admission import Ticket
 from ..pool.signals import MAX_SCRAPE_BYTES, busy_slots, parse_prometheus, server_load
 from ..protocols import Codec, ListedModel, Parsed, Piece, WireRequest, WireResponse
 from ..protocols.decoders import NDJSONDecoder
@@ -136,6 +137,9 @@ class Sleep:
 
     seconds: float
     slot: bool = False
+    #: The call's place in admission's wait, if it has one: a release then wakes the best
+    #: waiter (``Admission.sleeping``/``wake``), not every sleeping call.
+    ticket: Ticket | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +288,7 @@ def _retrying(plan: CallPlan, once: Callable[[], Steps[T]]) -> Steps[T]:
             if wait is None:
                 raise
             if wait > 0:
-                yield Sleep(wait, plan.slot_wait)
+                yield Sleep(wait, plan.slot_wait, plan.waiting_ticket())
 
 
 def attempt(plan: CallPlan, op: Op[T], trace: Mapping[str, str]) -> Steps[T]:

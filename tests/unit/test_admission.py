@@ -320,3 +320,74 @@ def test_the_docs_pool_file_loads(tmp_path: Path) -> None:
     assert cfg.admission.project_weights == {"search": 2.0} and cfg.adaptive.window == 200
     pool = Pool(cfg)
     assert pool.endpoints[0].cap == 4 and pool.endpoints[1].cap == 8
+
+
+# -- waking: one sleeping waiter per release, the best-ordered ------------------------------
+class Wakes:
+    """Sleeping tickets' wakers: which were called, in order."""
+
+    def __init__(self, adm: Admission) -> None:
+        self.adm = adm
+        self.woken: list[int] = []
+
+    def sleep(self, t: Ticket) -> None:
+        self.adm.sleeping(t, lambda: self.woken.append(t.seq))
+
+
+def test_a_release_wakes_only_the_best_ordered_sleeping_waiter() -> None:
+    adm = Admission(AdmissionPolicy())
+    wakes = Wakes(adm)
+    quiet, *flood = [adm.ticket("quiet", None, key="m", deadline=None)] + [
+        adm.ticket("flood", None, key="m", deadline=None) for _ in range(20)
+    ]
+    adm._charge("flood", 10_000, 0.0)  # the flooding project has used far more
+    for t in [*flood, quiet]:  # the quiet project arrives last
+        assert adm.decide(t, 0.0, 0).verdict == "try"  # no free slot: the pool says why
+        wakes.sleep(t)
+    adm.wake(0.0)
+    assert wakes.woken == [quiet.seq]  # one wake-up, the fair share's choice, not 21
+    adm.wake(0.0)  # the next release: the next in order (the first flood call to arrive)
+    assert wakes.woken == [quiet.seq, flood[0].seq]
+    for t in (quiet, flood[0]):
+        adm.awake(t)
+
+
+def test_a_waiter_that_finds_free_slots_wakes_those_entitled_to_them() -> None:
+    adm = Admission(AdmissionPolicy())
+    wakes = Wakes(adm)
+    tickets = [adm.ticket("p", None, key="m", deadline=None) for _ in range(6)]
+    for t in tickets:
+        adm.decide(t, 0.0, 0)
+        wakes.sleep(t)
+    last = tickets[-1]
+    adm.awake(last)
+    # The last in order looks while three slots are free: the first three are woken, it waits.
+    assert adm.decide(last, 0.0, 3).verdict == "wait"
+    assert wakes.woken == [t.seq for t in tickets[:3]]
+
+
+def test_a_shed_waiter_is_woken_to_be_refused_now() -> None:
+    adm = Admission(AdmissionPolicy())
+    wakes = Wakes(adm)
+    batch = adm.ticket("p", "batch", key="m", deadline=None)
+    adm.decide(batch, 0.0, 0)
+    wakes.sleep(batch)
+    standard = adm.ticket("q", "standard", key="m", deadline=None)
+    adm.decide(standard, 0.0, 0)  # must wait: the batch call ordered after it is shed
+    assert wakes.woken == [batch.seq]
+    adm.awake(batch)
+    decision = adm.decide(batch, 0.0, 0)
+    assert decision.verdict == "refuse" and "shed: class batch" in decision.reason
+
+
+def test_a_ticket_that_left_the_wait_is_never_woken() -> None:
+    adm = Admission(AdmissionPolicy())
+    wakes = Wakes(adm)
+    t = adm.ticket("p", None, key="m", deadline=None)
+    adm.decide(t, 0.0, 0)
+    wakes.sleep(t)
+    adm.withdraw(t)
+    adm.wake(0.0)
+    assert wakes.woken == [] and t.waker is None
+    wakes.sleep(t)  # sleeping while not waiting registers nothing
+    assert t.waker is None
