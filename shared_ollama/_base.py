@@ -310,12 +310,14 @@ class BaseClient(Generic[TransportT]):
             self.usage.check(project, now, request_id=request_id,
                              prompt_tokens=op.prompt_tokens, max_tokens=op.max_tokens)  # fmt: skip
 
-    def _admit(self, op: Op[Any], project: str | None) -> Steps[str]:
+    def _admit(self, op: Op[Any] | None, project: str | None,
+               model: str | None = None) -> Steps[str]:  # fmt: skip
         """A budget shared through a database is checked in an ``Offload`` (a worker thread
         for the async driver: a round trip, or a wait for another process's lock, must not
-        stall the event loop); the request id it admitted."""
+        stall the event loop); the request id it admitted. Every call shape goes through it
+        (``list``/``ps`` and model management too, with ``op`` None)."""
         if self._closed or self._closing:
-            raise ClientClosed("client is closed", model=op.model)
+            raise ClientClosed("client is closed", model=op.model if op is not None else model)
         request_id = new_request_id()
         check = partial(self._check_budget, project or self.project, time.monotonic(),
                         request_id, op)  # fmt: skip
@@ -358,11 +360,14 @@ class BaseClient(Generic[TransportT]):
         self, operation: str, project: str | None
     ) -> Steps[tuple[list[tuple[str, ListedModel]], CallRecord]]:
         """``list``/``ps`` across the pool, accounted as one call."""
+        admitted = (yield from self._admit(None, project)) if self.usage.shared else None
         plan, span = self._plan(operation, None, stream=False, project=project,
-                                timeout=NOT_GIVEN, tags=None)  # fmt: skip
+                                timeout=NOT_GIVEN, tags=None, admitted=admitted)  # fmt: skip
         timeout = self.config.health.timeout_s
         body = steps.fan_out(plan, self._pool.endpoints, operation, timeout)
-        return self._accounted(plan, span, body if self._started else self._first(body))
+        return (
+            yield from self._accounted(plan, span, body if self._started else self._first(body))
+        )
 
     def _accounted(
         self, plan: CallPlan, span: CallSpan, body: Steps[T]
@@ -396,8 +401,9 @@ class BaseClient(Generic[TransportT]):
         if not self._started:
             yield from self._lazy_start()
         targets = self._ollama_targets(operation, endpoint)
+        admitted = (yield from self._admit(None, project, model)) if self.usage.shared else None
         plan, span = self._plan(operation, model, stream=stream, project=project,
-                                timeout=timeout, tags=None)  # fmt: skip
+                                timeout=timeout, tags=None, admitted=admitted)  # fmt: skip
         wire = WireRequest(method, f"/api/{operation}", json=dict(body))
         make = _progress if stream else None
         answers, _ = yield from self._accounted(plan, span, steps.manage(plan, targets, wire, make))

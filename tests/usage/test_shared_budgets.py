@@ -324,8 +324,8 @@ def test_lost_settlement_is_logged_without_the_password(
         gate.close()
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_async_budget_check_waits_off_the_event_loop(tmp_path: Path, stream: bool) -> None:
+@pytest.mark.parametrize("shape", ["call", "stream", "list", "ps"])
+async def test_async_budget_check_waits_off_the_event_loop(tmp_path: Path, shape: str) -> None:
     """While another process holds the shared store's lock, a call's budget check waits in
     a worker thread: the event loop keeps running, and here it is the loop itself that lets
     the lock go. Checked inline, the wait would stall the loop until the store's busy
@@ -355,12 +355,15 @@ async def test_async_budget_check_waits_off_the_event_loop(tmp_path: Path, strea
             limits.admit = watched  # type: ignore[method-assign]
             holder = sqlite3.connect(_store_location(location), isolation_level=None)
             holder.execute("BEGIN IMMEDIATE")  # what another process's admission holds
-            if stream:
+            call: asyncio.Future[Any]
+            if shape == "stream":
 
                 async def streamed() -> int:
                     return len([x async for x in await c.chat(MODEL, messages, stream=True)])
 
                 call = asyncio.ensure_future(streamed())
+            elif shape in ("list", "ps"):  # every call shape, not only chat and generate
+                call = asyncio.ensure_future(c.list() if shape == "list" else c.ps())
             else:
                 call = asyncio.ensure_future(c.chat(MODEL, messages))
             await asyncio.to_thread(entered.wait, 30)  # the check is waiting for the lock
@@ -369,4 +372,4 @@ async def test_async_budget_check_waits_off_the_event_loop(tmp_path: Path, strea
             holder.close()
             result = await call
     assert result
-    assert engine.stats.requests["/api/chat"] == 2
+    assert engine.stats.requests["/api/chat"] == (1 if shape in ("list", "ps") else 2)
