@@ -12,13 +12,12 @@ no ``with`` block is needed.
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from .client import SharedClient, SyncSharedClient
-from .config import Timeouts, ollama_endpoints, parse_host
+from .config import Timeouts, load_config, ollama_endpoints, parse_host
 
 __all__ = [
     "AsyncClient",
@@ -98,13 +97,17 @@ _default_lock = threading.Lock()
 
 
 def _client() -> SyncSharedClient:
-    """The default client, made on first use: ``SHARED_OLLAMA_*`` settings when there are
-    any, else ``OLLAMA_HOST`` (or the local default), as ollama's module functions."""
+    """The default client, made on first use from ``SHARED_OLLAMA_*`` settings (a pool file
+    named by ``SHARED_OLLAMA_CONFIG``, ``SHARED_OLLAMA_ENDPOINTS``, the project, the
+    ledger...); where they name no endpoint, ``OLLAMA_HOST`` (or the local default), as
+    ollama's module functions."""
     global _default
     with _default_lock:
         if _default is None:
-            configured = "SHARED_OLLAMA_ENDPOINTS" in os.environ
-            _default = Client.from_config() if configured else Client()
+            config = load_config()
+            if not config.endpoints:
+                config = config.model_copy(update={"endpoints": ollama_endpoints()})
+            _default = Client(config=config)
         return _default
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -220,6 +221,35 @@ def test_ollama_python_code_runs_unchanged_with_the_same_outcome(
     theirs = IDIOMS[idiom](ollama, host)
     ours = IDIOMS[idiom](shared_ollama, host)
     assert ours == theirs
+
+
+@pytest.mark.parametrize("source", ["pool file", "endpoints variable", "OLLAMA_HOST"])
+def test_the_module_functions_read_the_shared_ollama_settings(
+    source: str, ollama_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    fresh_default: None,
+) -> None:  # fmt: skip
+    """``shared_ollama.chat(...)`` runs on a default client made from the same settings as
+    ``SyncSharedClient.from_config()``: ``SHARED_OLLAMA_CONFIG``'s pool file, or
+    ``SHARED_OLLAMA_ENDPOINTS``, with the project from ``SHARED_OLLAMA_PROJECT``; only where
+    they name no endpoint does ``OLLAMA_HOST`` give it."""
+    for name in ("SHARED_OLLAMA_CONFIG", "SHARED_OLLAMA_ENDPOINTS", "OLLAMA_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    if source == "pool file":
+        pool = tmp_path / "pool.toml"
+        pool.write_text(f'project = "from-file"\n[[endpoints]]\nurl = "{ollama_engine.url}"\n')
+        monkeypatch.setenv("SHARED_OLLAMA_CONFIG", str(pool))
+    elif source == "endpoints variable":
+        monkeypatch.setenv("SHARED_OLLAMA_ENDPOINTS", f"{ollama_engine.url}=ollama")
+        monkeypatch.setenv("SHARED_OLLAMA_PROJECT", "from-env")
+    else:
+        monkeypatch.setenv("OLLAMA_HOST", ollama_engine.url.removeprefix("http://"))
+        monkeypatch.setenv("SHARED_OLLAMA_PROJECT", "from-env")
+    reply = shared_ollama.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert reply.message.content
+    default = shared_ollama.compat._default
+    assert default is not None
+    assert [e.url for e in default.config.endpoints] == [ollama_engine.url]
+    assert default.project == ("from-file" if source == "pool file" else "from-env")
 
 
 @pytest.mark.parametrize("kind", ["openai", "tgi"])
