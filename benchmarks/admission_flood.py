@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Any
 
 from shared_ollama import Endpoint, SharedClient
 from shared_ollama.config import HealthPolicy, UsageConfig
@@ -37,17 +36,11 @@ async def level(calls: int, slots: int) -> tuple[float, float, float]:
                                 health=HealthPolicy(enabled=False)) as client:  # fmt: skip
             await asyncio.gather(*(client.chat(MODEL, MESSAGES) for _ in range(slots * 4)))
             adm = client._pool.admission
-            decide, looks = adm.decide, 0
-
-            def counted(*args: Any) -> Any:
-                nonlocal looks
-                looks += 1
-                return decide(*args)
-
-            adm.decide = counted  # type: ignore[method-assign]
+            looks = adm.decisions
             cpu, wall = time.process_time(), time.perf_counter()
             await asyncio.gather(*(client.chat(MODEL, MESSAGES) for _ in range(calls)))
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            looks = adm.decisions - looks
     return cpu / calls, looks / calls, wall
 
 

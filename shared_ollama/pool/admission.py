@@ -100,6 +100,8 @@ class Admission:
         #: Calls refused by shedding, and by a bounded wait (for status and tests).
         self.shed_count = 0
         self.expired_count = 0
+        #: Decisions taken (``decide`` calls): per call, flat however many wait.
+        self.decisions = 0
 
     @property
     def enabled(self) -> bool:
@@ -199,6 +201,7 @@ class Admission:
         Sleeping waiters that may now take a free slot, or were chosen to be shed, are woken.
         """
         with self._lock:
+            self.decisions += 1
             decision = self._decide(ticket, now, free)
             wakers, self._to_wake = self._to_wake, []
         for wake in wakers:
