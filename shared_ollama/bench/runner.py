@@ -41,6 +41,16 @@ class ProgressSink(Protocol):
 
 
 _PREDRAWN = 10_000  # requests a closed-loop phase draws before its clock starts
+_PREDRAWN_CHARS = 64 << 20  # ... and at most this much prompt text
+
+
+def _prompt_chars(spec: RequestSpec) -> int:
+    """The prompt text a drawn request holds (system, prompt, messages' content)."""
+    chars = len(spec.prompt or "") + len(spec.system or "")
+    for message in spec.messages or ():
+        content = message.get("content")
+        chars += len(content) if isinstance(content, str) else 0
+    return chars
 
 
 @dataclass
@@ -179,12 +189,18 @@ class Runner:
         self.mix.begin_phase()
         # A closed-loop phase of a known count has its requests drawn before the clock starts
         # (as vLLM's client does): sending then costs no workload generation. Up to
-        # _PREDRAWN of them (their prompts are held meanwhile); the rest as they go.
+        # _PREDRAWN of them and _PREDRAWN_CHARS of prompt text (held meanwhile); the rest
+        # as they go.
         drawn = None
         stop = plan.stop
         closed = isinstance(plan.schedule, ClosedLoop)
         if closed and stop.requests is not None and self.mix.sessions is None:
-            drawn = deque(self.mix.next() for _ in range(min(stop.requests, _PREDRAWN)))
+            drawn = deque[RequestSpec]()
+            chars = 0
+            while len(drawn) < min(stop.requests, _PREDRAWN) and chars < _PREDRAWN_CHARS:
+                spec = self.mix.next()
+                drawn.append(spec)
+                chars += _prompt_chars(spec)
         t_start = time.monotonic_ns()
         cpu_start = time.thread_time()  # this thread runs the loop: every request's driver
         try:

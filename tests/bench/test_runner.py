@@ -221,3 +221,40 @@ async def test_samplers_run_beside_the_bench(engine: FakeEngine) -> None:
     assert len(server) == 1 and server[0].available
     assert "host" in result.sample_summary
     assert all(SEQ_TAG not in n for n in by_name)
+
+
+async def test_a_counted_closed_loop_draws_its_requests_before_its_clock(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As vLLM's client: a phase of a known count draws every request before it starts
+    (sending costs no workload generation); past the bound on the prompt text held, the
+    rest are drawn as they go."""
+    import shared_ollama.bench.runner as runner_module
+
+    mix = _mix()
+    runner, client = await _runner(engine, mix)
+    draws: list[int] = []  # draws made by the time each request is sent
+    drawn = 0
+    draw = mix.next
+
+    def counted() -> Any:
+        nonlocal drawn
+        drawn += 1
+        return draw()
+
+    send = runner._send
+
+    async def watched(*args: Any) -> None:
+        draws.append(drawn)
+        await send(*args)
+
+    monkeypatch.setattr(mix, "next", counted)
+    monkeypatch.setattr(runner, "_send", watched)
+    async with client:
+        run = await runner.run(PhasePlan("c", ClosedLoop(3), Stop(requests=9)))
+        assert draws == [9] * 9 and len(run.requests) == 9
+        draws.clear()
+        drawn = 0
+        monkeypatch.setattr(runner_module, "_PREDRAWN_CHARS", 1)  # one prompt's worth: the
+        await runner.run(PhasePlan("c2", ClosedLoop(1), Stop(requests=4)))  # rest as they go
+        assert draws == [1, 2, 3, 4]
