@@ -62,12 +62,18 @@ def parse_strategies(text: str) -> list[str]:
 
 
 def strategy_scenarios(scenario: Scenario, strategies: Sequence[str]) -> list[Scenario]:
-    """The scenario once per strategy: same workload and seed, its own name."""
+    """The scenario once per strategy: same workload and seed, its own name. Against real
+    servers each also gets its own prompt salt (``[ab 1] ``, ``[ab 2] ``...: the same length
+    for all), so that no strategy is served from the prompts an earlier one left in the
+    servers' caches; simulated runs start with empty caches and send the same prompts."""
     out = []
-    for strategy in strategies:
+    width = len(str(len(strategies)))
+    for i, strategy in enumerate(strategies, 1):
         pool = scenario.pool.model_copy(update={"strategy": strategy})
-        name = f"{scenario.name}-{strategy}"
-        out.append(scenario.model_copy(update={"pool": pool, "name": name}))
+        update: dict[str, Any] = {"pool": pool, "name": f"{scenario.name}-{strategy}"}
+        if not scenario.simulate:
+            update["prompt_salt"] = f"[ab {i:0{width}d}] {scenario.prompt_salt}"
+        out.append(scenario.model_copy(update=update))
     return out
 
 

@@ -638,8 +638,9 @@ def _cmd_strategies(
     out = _out_dir(scenario)
     if not scenario.simulate:
         console.print(
-            "[yellow]note:[/] real servers keep their prompt caches between the strategies' "
-            "runs (same prompts): restart them between runs for a fair cache comparison",
+            "[yellow]note:[/] each strategy's prompts start with a salt of their own "
+            "([ab 1], [ab 2], ...): no run is served from what an earlier one left in the "
+            "servers' prompt caches",
             highlight=False,
         )
     results: list[tuple[str, Any]] = []

@@ -235,7 +235,9 @@ class _Process:
         scenario = build_scenario(self.environment)
         runner = self.environment.runner
         index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
-        self.mix = WorkloadMix(scenario.workloads, scenario.model, scenario.seed + index)
+        self.mix = WorkloadMix(
+            scenario.workloads, scenario.model, scenario.seed + index, salt=scenario.prompt_salt
+        )
         usage = None if "usage" in scenario.pool.model_fields_set else False
         client = SyncSharedClient(
             config=scenario.pool, project="bench", usage=usage, listeners=[self._listen]

@@ -188,6 +188,10 @@ class Scenario(_Spec):
     #: Default logical model for workloads that do not name one.
     model: str | None = None
     seed: int = 0
+    #: Text put before every request's prompt (its first message, or the prompt). The
+    #: strategy A/B against real servers gives each strategy its own, so that no strategy's
+    #: run is served from the prompts an earlier one left in the servers' caches.
+    prompt_salt: str = Field(default="", max_length=64)
     #: Output folder; default ``bench-results/<name>-<timestamp>``.
     out: str | None = None
     simulate: bool = False

@@ -471,7 +471,7 @@ async def _run(
 ) -> BenchResult:
     started, t0 = datetime.now(UTC), time.monotonic_ns()
     model = scenario.model or (SIM_MODEL if scenario.simulate else None)
-    mix = WorkloadMix(scenario.workloads, model, scenario.seed)
+    mix = WorkloadMix(scenario.workloads, model, scenario.seed, salt=scenario.prompt_salt)
     collector = Collector(on_record)
     usage = None if "usage" in pool.model_fields_set else False  # keep the user's ledger clean
     client = client_class(scenario.http)(

@@ -715,10 +715,26 @@ def request_spec(
     )
 
 
+def salted(spec: RequestSpec, salt: str) -> RequestSpec:
+    """``spec`` with ``salt`` before its prompt: its first message's text (a system prompt,
+    or the first user message), else the generate call's system or prompt. New lists and
+    dicts: a session's turns share their history's."""
+    if spec.messages:
+        first, *rest = spec.messages
+        content = first.get("content")
+        if isinstance(content, str):
+            return replace(spec, messages=[{**first, "content": salt + content}, *rest])
+        return spec  # a message of parts (images): left as it is
+    if spec.system is not None:
+        return replace(spec, system=salt + spec.system)
+    return replace(spec, prompt=salt + (spec.prompt or ""))
+
+
 class WorkloadMix:
     """Draws ``RequestSpec``s from weighted workloads with one seeded generator."""
 
-    def __init__(self, workloads: Sequence[Workload], model: str | None, seed: int) -> None:
+    def __init__(self, workloads: Sequence[Workload], model: str | None, seed: int,
+                 *, salt: str = "") -> None:  # fmt: skip
         if not workloads:
             raise ValueError("no workloads")
         missing = [w.name for w in workloads if not (w.model or model)]
@@ -742,6 +758,8 @@ class WorkloadMix:
         self.sessions: Workload | None = sessions[0] if sessions else None
         self._next_session = 0  # sessions are numbered across phases (and the warm-up)
         self._phase_sessions = 0
+        #: Put before every request's prompt (``Scenario.prompt_salt``); drawn after it.
+        self.salt = salt
 
     def begin_phase(self) -> None:
         """A phase starts: its ``SessionSpec.count`` sessions are yet to be handed out."""
@@ -777,6 +795,8 @@ class WorkloadMix:
             )
             for turn in conv.turns
         ]
+        if self.salt:
+            specs = [salted(spec, self.salt) for spec in specs]
         return conv, specs
 
     @property
@@ -798,6 +818,10 @@ class WorkloadMix:
 
     def next(self) -> RequestSpec:
         """The next request of the mix (a sessions mix: see ``next_conversation``)."""
+        spec = self._draw()
+        return salted(spec, self.salt) if self.salt else spec
+
+    def _draw(self) -> RequestSpec:
         w = self._rng.choices(self.workloads, self._weights)[0]
         if w.prefix is not None:
             return self._prefixed(w, w.prefix)

@@ -310,3 +310,41 @@ def test_workload_flag_replaces_the_workloads_of_a_real_pool() -> None:
     defaults = routing_defaults("prefix")["workloads"][0]["prefix"]
     assert w.prefix.users == defaults["users"]  # the rest from the workload's defaults
     assert scenario.pool.strategy == "affinity" and not scenario.simulate
+
+
+# -- the strategy A/B against real servers: a salt per strategy ---------------------------------
+
+
+def test_a_salt_goes_before_every_prompt_and_changes_nothing_else() -> None:
+    plain_w = Workload(name="p", prompt_tokens=8, max_tokens=4)
+    gen_w = Workload(name="g", operation="generate", prompt_tokens=8, max_tokens=4)
+    sess_w = Workload(name="s", prompt_tokens=8, max_tokens=4, sessions=SessionSpec(count=1))
+    for w in (plain_w, gen_w, _prefix_mix().workloads[0]):
+        a, b = WorkloadMix([w], MODEL, 5), WorkloadMix([w], MODEL, 5, salt="[ab 2] ")
+        for _ in range(5):
+            x, y = a.next(), b.next()
+            if x.messages is not None:
+                assert y.messages is not None
+                assert y.messages[0]["content"] == "[ab 2] " + x.messages[0]["content"]
+                assert y.messages[1:] == x.messages[1:]
+            else:
+                assert (y.prompt, y.system) == ("[ab 2] " + (x.prompt or ""), x.system)
+            assert y.session == x.session and y.max_tokens == x.max_tokens
+    a, b = WorkloadMix([sess_w], MODEL, 5), WorkloadMix([sess_w], MODEL, 5, salt="[ab 2] ")
+    (conv, plain), (_, salted) = a.next_conversation(), b.next_conversation()  # type: ignore[misc]
+    for x, y in zip(plain, salted, strict=True):
+        assert x.messages is not None and y.messages is not None
+        assert y.messages[0]["content"] == "[ab 2] " + x.messages[0]["content"]  # once a turn
+        assert y.messages[1:] == x.messages[1:]
+    assert all(t.messages[0]["content"] == plain[0].messages[0]["content"] for t in conv.turns)
+
+
+def test_real_server_strategies_get_salts_of_one_length_and_simulated_ones_none() -> None:
+    from shared_ollama.bench.ab import strategy_scenarios
+
+    names = ["affinity", "least_loaded", "round_robin"]
+    real = validate_scenario({"model": MODEL, "pool": {"endpoints": [{"url": "http://h:1"}]}})
+    salts = [s.prompt_salt for s in strategy_scenarios(real, names)]
+    assert salts == ["[ab 1] ", "[ab 2] ", "[ab 3] "]
+    simulated = validate_scenario({"simulate": True})
+    assert {s.prompt_salt for s in strategy_scenarios(simulated, names)} == {""}
