@@ -194,6 +194,10 @@ def _has_content(record: CallRecord, piece: Piece) -> bool:
     return piece.has_content
 
 
+def _content_and_text(record: CallRecord, piece: Piece) -> tuple[bool, str]:
+    return piece.has_content, piece.text
+
+
 def _advance(gen: Steps[Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
     """Resume ``gen`` with ``value`` (or ``error``) up to the next operation that needs the
     driver: ``(False, op)``, or ``(True, result)`` once it returned. Clock readings are
@@ -495,11 +499,14 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
         except httpx.HTTPError as exc:
             raise _transport_error(op, exc) from None
 
-    def _content_flags(self, op: Op[Parsed], tags: Mapping[str, str] | None) -> AsyncIterator[bool]:
+    def _content_flags(
+        self, op: Op[Parsed], tags: Mapping[str, str] | None, *, text: bool = False
+    ) -> AsyncIterator[Any]:
         """A stream read the bench's way: whether each chunk carried content (text,
         thinking or tool calls), with no typed chunk built; the call is routed, retried and
-        accounted exactly as a public stream."""
-        return self._iterate(self._streaming(op, _has_content, None, NOT_GIVEN, tags))
+        accounted exactly as a public stream. ``text``: ``(flag, the chunk's text)`` pairs."""
+        make = _content_and_text if text else _has_content
+        return self._iterate(self._streaming(op, make, None, NOT_GIVEN, tags))
 
     # -- public API -------------------------------------------------------------------
     @overload

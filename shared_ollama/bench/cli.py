@@ -168,6 +168,9 @@ def _routing_flags(p: argparse.ArgumentParser, *, ab: bool) -> None:
                    help="sessions: system prompt length (words; 0: none)")  # fmt: skip
     g.add_argument("--no-session-id", action="store_true",
                    help="sessions: pass no session= (the router keys on the prompt)")  # fmt: skip
+    g.add_argument("--echo-replies", action="store_true",
+                   help="sessions: send the server's replies back in the history (as a chat "
+                        "application does), not the drawn ones")  # fmt: skip
     g.add_argument("--strategy", help="the pool's routing strategy")
     if ab:
         g.add_argument("--strategies", metavar="S,S,...",
@@ -391,6 +394,7 @@ def _apply_routing(data: dict[str, Any], args: argparse.Namespace) -> None:
         "think_s": args.think,
         "system_tokens": args.system_tokens,
         "pass_session": False if args.no_session_id else None,
+        "echo_replies": True if args.echo_replies else None,
     }
     for table, given in (("prefix", prefix), ("sessions", sessions)):
         given = {k: v for k, v in given.items() if v is not None}

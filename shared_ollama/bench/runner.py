@@ -23,7 +23,7 @@ from ..errors import SharedOllamaError
 from .collector import PHASE_TAG, SEQ_TAG, WORKLOAD_TAG, Collector
 from .result import RequestRecord
 from .scheduler import ClosedLoop, OpenLoop, PhasePlan, Stop, planned_arrivals
-from .workload import RequestSpec, WorkloadMix
+from .workload import RequestSpec, WorkloadMix, echoed
 
 __all__ = ["PhaseRun", "ProgressSink", "Runner"]
 
@@ -109,7 +109,10 @@ class Runner:
             task.cancel()
 
     # -- one request ------------------------------------------------------------------
-    async def _send(self, spec: RequestSpec, phase: str, t_scheduled_ns: int | None) -> None:
+    async def _send(self, spec: RequestSpec, phase: str, t_scheduled_ns: int | None,
+                    *, reply: list[str] | None = None) -> None:  # fmt: skip
+        """Send one request and hand what the client recorded to the collector; ``reply``
+        (a session that echoes replies) gets the reply's text."""
         self._seq += 1
         seq = self._seq
         tags = {SEQ_TAG: str(seq), PHASE_TAG: phase, WORKLOAD_TAG: spec.workload}
@@ -124,7 +127,7 @@ class Runner:
         content: list[bool] | None = [] if spec.stream else None
         error: str | None = None
         try:
-            await self._exchange(spec, tags, content)
+            await self._exchange(spec, tags, content, reply)
         except SharedOllamaError:
             pass  # the CallRecord says what failed
         except Exception as exc:  # a bug somewhere: keep measuring, say so in the result
@@ -133,21 +136,29 @@ class Runner:
             self.collector.saw(seq, content, error)
 
     async def _exchange(
-        self, spec: RequestSpec, tags: dict[str, str], content: list[bool] | None
+        self,
+        spec: RequestSpec,
+        tags: dict[str, str],
+        content: list[bool] | None,
+        reply: list[str] | None = None,
     ) -> None:
         opts = spec.call_options()
         # Only routing workloads name a session: other calls keep the client's plain path.
         session: dict[str, Any] = {} if spec.session is None else {"session": spec.session}
         if content is None:
             if spec.operation == "chat":
-                await self.client.chat(
+                answer = await self.client.chat(
                     spec.model, spec.messages, options=opts, tags=tags, **session
                 )
+                text = answer.message.content
             else:
                 prompt, system = spec.prompt or "", spec.system
-                await self.client.generate(
+                made = await self.client.generate(
                     spec.model, prompt, system=system, options=opts, tags=tags, **session
                 )
+                text = made.response
+            if reply is not None:
+                reply.append(text or "")
             return
         # Streams are read as content flags, with no typed chunk built: the call is routed,
         # retried and accounted as any stream, and the driver keeps up with faster servers.
@@ -158,11 +169,16 @@ class Runner:
             op = generate_op(spec.model, spec.prompt or "", suffix=None, system=spec.system,
                              template=None, context=None, stream=True, raw=None, images=None,
                              options=opts, **common)  # fmt: skip
-        flags = self.client._content_flags(op, tags)
+        flags = self.client._content_flags(op, tags, text=reply is not None)
         # aclosing: a cancelled stream must emit its record now, not when collected.
         async with contextlib.aclosing(flags):  # type: ignore[type-var]
-            async for flag in flags:
-                content.append(flag)
+            if reply is None:
+                async for flag in flags:
+                    content.append(flag)
+            else:
+                async for flag, piece in flags:
+                    content.append(flag)
+                    reply.append(piece)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -246,6 +262,9 @@ class Runner:
             while may_send():
                 await self._send(next_spec(), plan.name, None)
 
+        sessions = self.mix.sessions.sessions if self.mix.sessions is not None else None
+        echo = sessions is not None and sessions.echo_replies
+
         async def session_worker(offset_s: float) -> None:
             await _sleep_until(t0 + int(offset_s * 1e9))
             while not self.stopping and left != 0:
@@ -253,12 +272,19 @@ class Runner:
                 if drawn is None:
                     return  # the phase's sessions are all taken
                 conv, specs = drawn
+                sent: list[dict[str, Any]] | None = None
+                reply: list[str] = []
                 for turn, spec in zip(conv.turns, specs, strict=True):
                     if turn.think_s > 0 and not self.stopping:
                         await self._think(turn.think_s)
                     if not may_send():
                         return
-                    await self._send(spec, plan.name, None)
+                    if echo and sent is not None and reply:
+                        # The history as this session sent it, with the server's reply.
+                        spec = echoed(spec, sent, "".join(reply))
+                    reply = []
+                    await self._send(spec, plan.name, None, reply=reply if echo else None)
+                    sent = spec.messages
 
         run = worker if self.mix.sessions is None else session_worker
         await self._wait([self._spawn(run(o)) for o in sched.start_offsets()])

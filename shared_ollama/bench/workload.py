@@ -508,6 +508,11 @@ class SessionSpec(BaseModel):
     #: Pass the session id to the client as ``session=`` (false: the router keys on the
     #: system prompt and first user message itself).
     pass_session: bool = True
+    #: Each later turn's history carries the replies the server sent, as a chat application
+    #: sends them back (and as a prompt cache holds them), instead of the workload's drawn
+    #: replies. The prompts then depend on the answers: give ``temperature = 0`` (options)
+    #: for the same prompts under every strategy.
+    echo_replies: bool = False
 
     @field_validator("think_s", mode="before")
     @classmethod
@@ -550,6 +555,16 @@ def _words(text: str) -> int:
 def _system_text(seed: int, tag: str, n_words: int) -> str:
     """A system prompt fixed by the seed and its tag (the same text in every run)."""
     return synthetic_prompt(n_words, random.Random(f"system:{seed}:{tag}"))
+
+
+def echoed(spec: RequestSpec, sent: Sequence[Mapping[str, Any]], reply: str) -> RequestSpec:
+    """A session's next turn with its history as sent (``sent``, the previous turn's
+    messages) and the server's ``reply`` to it, then the turn's own new user message."""
+    messages = [*sent, {"role": "assistant", "content": reply}, *(spec.messages or [])[-1:]]
+    words = [_words(str(m.get("content") or "")) for m in messages]
+    total = sum(words)
+    share = (total - words[-1]) / total if total else 0.0
+    return replace(spec, messages=[dict(m) for m in messages], history_share=share)
 
 
 def conversation(

@@ -26,6 +26,7 @@ from shared_ollama.bench.workload import (
     Workload,
     WorkloadMix,
     conversation,
+    echoed,
     parse_delay,
 )
 from shared_ollama.records import CallRecord
@@ -348,3 +349,64 @@ def test_real_server_strategies_get_salts_of_one_length_and_simulated_ones_none(
     assert salts == ["[ab 1] ", "[ab 2] ", "[ab 3] "]
     simulated = validate_scenario({"simulate": True})
     assert {s.prompt_salt for s in strategy_scenarios(simulated, names)} == {""}
+
+
+# -- sessions that send the server's replies back -------------------------------------------------
+
+
+def test_an_echoed_turn_carries_the_history_as_sent_and_the_reply() -> None:
+    sessions = SessionSpec(count=1, turns=3, system_tokens=6)
+    w = Workload(name="s", prompt_tokens=4, max_tokens=3, sessions=sessions)
+    _, specs = WorkloadMix([w], MODEL, 2).next_conversation()  # type: ignore[misc]
+    first, second = specs[0], specs[1]
+    assert first.messages is not None and second.messages is not None
+    turn = echoed(second, first.messages, "the server said this")
+    assert turn.messages == [
+        *first.messages,
+        {"role": "assistant", "content": "the server said this"},
+        second.messages[-1],
+    ]
+    words_all = sum(len(str(m["content"]).split()) for m in turn.messages)
+    new = len(str(second.messages[-1]["content"]).split())
+    assert turn.history_share == pytest.approx((words_all - new) / words_all)
+    assert second.messages[-2]["content"] != "the server said this"  # the drawn one, untouched
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_echoing_sessions_send_the_servers_replies_back(stream: bool) -> None:
+    sessions = SessionSpec(count=2, turns=3, system_tokens=5, echo_replies=True)
+    w = Workload(name="s", prompt_tokens=4, max_tokens=5, stream=stream, sessions=sessions)
+    sent: list[tuple[str | None, list[dict[str, Any]]]] = []
+    replies: list[tuple[str | None, str]] = []
+    timing = TimingModel(ttft_base_s=0.0, ttft_per_prompt_token_s=0.0, itl_s=0.0)
+    with FakeEngine("openai", models=(MODEL,), timing=timing, slots=8) as engine:
+        collector = Collector()
+        client = SharedClient(
+            endpoints=[Endpoint(engine.url, kind="openai")], listeners=[collector],
+            **client_kwargs(),
+        )  # fmt: skip
+        async with client:
+            runner = Runner(client, WorkloadMix([w], MODEL, 4), collector)
+            send = runner._send
+
+            async def watched(spec: Any, *args: Any, reply: list[str] | None = None) -> None:
+                sent.append((spec.session, list(spec.messages)))
+                await send(spec, *args, reply=reply)
+                assert reply is not None
+                replies.append((spec.session, "".join(reply)))
+
+            runner._send = watched  # type: ignore[method-assign]
+            run = await runner.run(PhasePlan("c=2", ClosedLoop(2), Stop(requests=100)))
+    assert len(run.requests) == 6 and all(r.ok for r in run.requests)
+    for session in ("s00000", "s00001"):
+        prompts = [m for s, m in sent if s == session]
+        answers = [r for s, r in replies if s == session]
+        assert len(prompts) == len(answers) == 3 and all(answers)
+        for i in (1, 2):
+            # Each later turn: everything the previous turn sent, its real reply, a new message.
+            assert prompts[i][: len(prompts[i - 1])] == prompts[i - 1]
+            assert prompts[i][len(prompts[i - 1])] == {
+                "role": "assistant",
+                "content": answers[i - 1],
+            }
+            assert len(prompts[i]) == len(prompts[i - 1]) + 2
