@@ -118,8 +118,13 @@ class _Writer:
         flush_interval_s: float,
         epoch_offset_ns: int,
         max_queue: int,
+        close_bound_s: float = 10.0,
     ) -> None:
         self.backend = backend
+        #: How long the writes left at a stop may keep retrying a busy or absent store.
+        self.close_bound_s = close_bound_s
+        #: Set by ``stop()``: past it, a batch that cannot be written is dropped (and counted).
+        self.stop_deadline: float | None = None
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         #: Wakes the writer before its timer: a full batch, a flush or a stop.
         self.nudge = threading.Event()
@@ -203,7 +208,10 @@ class _Writer:
             try:
                 self.backend.write(batch, self.epoch_offset_ns)
             except WriteBusy as exc:
-                if attempt < _BUSY_RETRIES:
+                deadline = self.stop_deadline  # closing: retry only within the close's bound
+                if attempt < _BUSY_RETRIES and (
+                    deadline is None or time.monotonic() + delay < deadline
+                ):
                     # The backend already waited (SQLite's busy handler); another process
                     # holds the lock for long, or the server went away: back off, retry.
                     time.sleep(delay)
@@ -235,6 +243,7 @@ class _Writer:
             if self.stopped:
                 return
             self.stopped = True
+        self.stop_deadline = time.monotonic() + self.close_bound_s
         self.queue.put(_STOP)
         self.nudge.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
@@ -294,9 +303,12 @@ class Ledger:
             _warn_degraded(exc)
             backend = SQLiteBackend(MEMORY, busy_timeout_s=busy_timeout_s)
         self._backend: LedgerBackend | None = backend
+        # A close waits for the queued writes at most one busy wait and one retry (a store
+        # locked by another process or gone away: 20 retries took ~100 s with SQLite).
         self._writer: _Writer | None = _Writer(
-            backend, batch_size, flush_interval_s, self._offset, max_queue
-        )
+            backend, batch_size, flush_interval_s, self._offset, max_queue,
+            close_bound_s=2 * busy_timeout_s,
+        )  # fmt: skip
         self._writer.thread.start()
         # Closes a forgotten ledger at garbage collection or interpreter exit, so that the
         # last batch is still written.

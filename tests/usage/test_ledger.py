@@ -130,6 +130,37 @@ def test_busy_file_is_retried_and_submit_does_not_block(db: str) -> None:
     ledger.close()
 
 
+def test_close_on_a_locked_file_gives_up_within_its_bound_and_counts_the_loss(
+    db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the write lock through the close: the close retries the queued
+    batch for one busy wait and one retry (2 x ``busy_timeout_s``), not its 20 retries
+    (~20 busy waits and 14 s of backoff), then drops the batch, counted and logged."""
+    ledger = Ledger(db, busy_timeout_s=0.2, flush_interval_s=60)
+    writes = 0
+    write = ledger._backend.write  # type: ignore[union-attr]
+
+    def counted(*args: object) -> None:
+        nonlocal writes
+        writes += 1
+        write(*args)  # type: ignore[arg-type]
+
+    ledger._backend.write = counted  # type: ignore[method-assign,union-attr]
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # held until the close has returned
+    try:
+        for i in range(10):
+            ledger.submit(make_record(f"c{i}"))
+        with caplog.at_level("ERROR", logger="shared_ollama.usage"):
+            ledger.close()
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    assert 1 <= writes <= 3, writes
+    assert ledger.dropped == 10
+    assert "dropped 10 records" in caplog.text
+
+
 async def test_submit_from_event_loop(db: str) -> None:
     ledger = Ledger(db)
     for i in range(100):
