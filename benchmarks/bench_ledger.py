@@ -206,14 +206,15 @@ def client_child(
     conn.send(-1)
 
 
-def client_kill_window(
-    target: str, tag: str, port: int, rate: float, kill_at: int
-) -> tuple[int, int, float]:
-    """One kill -9 run through the client: (calls finished, lost, oldest lost call's age)."""
+def _killed(
+    target: Callable[..., None], args: tuple[Any, ...], rate: float, kill_at: int
+) -> tuple[Any, float]:
+    """Run ``target(*args, times, kill_at, conn)`` in a spawned child until it says it reached
+    ``kill_at``, then kill -9 it: (the child's times array, when it was killed)."""
     ctx = multiprocessing.get_context("spawn")
     times = ctx.Array("d", kill_at + int(rate) * 5, lock=False)
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=client_child, args=(target, tag, port, rate, times, kill_at, sender))
+    child = ctx.Process(target=target, args=(*args, times, kill_at, sender))
     child.start()
     sender.close()
     reached = receiver.recv()
@@ -221,6 +222,14 @@ def client_kill_window(
     child.kill()
     child.join()
     assert reached == kill_at, "the child stopped before the kill"
+    return times, t_kill
+
+
+def client_kill_window(
+    target: str, tag: str, port: int, rate: float, kill_at: int
+) -> tuple[int, int, float]:
+    """One kill -9 run through the client: (calls finished, lost, oldest lost call's age)."""
+    times, t_kill = _killed(client_child, (target, tag, port, rate), rate, kill_at)
     finished = {i for i, t in enumerate(times) if t > 0}
     with Ledger(target) as ledger:
         kept = {int(r.tags["i"]) for r in ledger.rows(project=tag)}
@@ -242,17 +251,7 @@ def committed_ids(target: str, tag: str) -> set[str]:
 
 def kill_window(target: str, tag: str, rate: float, kill_at: int) -> tuple[int, int, float]:
     """One kill -9 run: (records submitted, records lost, age in s of the oldest lost one)."""
-    ctx = multiprocessing.get_context("spawn")
-    times = ctx.Array("d", kill_at + int(rate) * 5, lock=False)
-    receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=paced_child, args=(target, tag, rate, times, kill_at, sender))
-    child.start()
-    sender.close()
-    reached = receiver.recv()
-    t_kill = time.time()
-    child.kill()
-    child.join()
-    assert reached == kill_at, "the child stopped before the kill"
+    times, t_kill = _killed(paced_child, (target, tag, rate), rate, kill_at)
     submitted = sum(1 for t in times if t > 0)
     ids = committed_ids(target, tag)
     # The writer commits in submit order: what survived is a prefix.

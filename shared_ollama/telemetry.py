@@ -533,6 +533,15 @@ class CallSpan:
             self._span.add_event("shared_ollama.attempt_failed", event, timestamp=when)
 
 
+def _record_chunks(first: metrics.Histogram, per_chunk: metrics.Histogram, record: CallRecord,
+                   attrs: Mapping[str, AttributeValue]) -> None:  # fmt: skip
+    """A stream's chunk timings, the same under both naming conventions."""
+    if record.t_first_chunk_ns is not None:
+        first.record((record.t_first_chunk_ns - record.t_start_ns) / 1e9, attrs)
+    for previous, current in itertools.pairwise(record.chunk_times_ns):
+        per_chunk.record((current - previous) / 1e9, attrs)
+
+
 class _V141Metrics:
     """The GenAI client histograms as the conventions v1.41 name them (the default)."""
 
@@ -569,11 +578,7 @@ class _V141Metrics:
                 self.token_usage.record(tokens, {**attrs, "gen_ai.token.type": kind})
         if not record.stream:  # the chunk metrics are for streams only
             return
-        if record.t_first_chunk_ns is not None:
-            ttfc = (record.t_first_chunk_ns - record.t_start_ns) / 1e9
-            self.time_to_first_chunk.record(ttfc, attrs)
-        for previous, current in itertools.pairwise(record.chunk_times_ns):
-            self.time_per_output_chunk.record((current - previous) / 1e9, attrs)
+        _record_chunks(self.time_to_first_chunk, self.time_per_output_chunk, record, attrs)
 
 
 _INFERENCE_OPS = frozenset({"chat", "text_completion", "generate_content"})
@@ -670,11 +675,7 @@ class _LatestMetrics:
             return
         if not record.stream:
             return
-        if record.t_first_chunk_ns is not None:
-            ttfc = (record.t_first_chunk_ns - record.t_start_ns) / 1e9
-            self.time_to_first_chunk.record(ttfc, attrs)
-        for previous, current in itertools.pairwise(record.chunk_times_ns):
-            self.time_per_output_chunk.record((current - previous) / 1e9, attrs)
+        _record_chunks(self.time_to_first_chunk, self.time_per_output_chunk, record, attrs)
 
 
 def _input_messages(value: object) -> list[dict[str, Any]]:
