@@ -57,7 +57,6 @@ from locust.runners import MasterRunner, WorkerRunner
 from pydantic import ValidationError
 
 from .._base import NOT_GIVEN
-from .._core.requests import chat_op, generate_op
 from ..client import SyncSharedClient
 from ..config import Endpoint, PoolConfig, load_config
 from ..errors import ConfigError, SharedOllamaError
@@ -353,14 +352,7 @@ def _exchange(
         return
     # Streams read as content flags, no typed chunk built (the bench runner's way): the call
     # is routed, retried and accounted as any stream, at less CPU per chunk.
-    common: dict[str, Any] = {"think": None, "format": None, "keep_alive": None}
-    if spec.operation == "chat":
-        op = chat_op(spec.model, spec.messages, tools=None, stream=True, options=opts, **common)
-    else:
-        op = generate_op(spec.model, spec.prompt or "", suffix=None, system=spec.system,
-                         template=None, context=None, stream=True, raw=None, images=None,
-                         options=opts, **common)  # fmt: skip
-    steps = client._streaming(op, _has_content, None, NOT_GIVEN, tags)
+    steps = client._streaming(spec.stream_op(), _has_content, None, NOT_GIVEN, tags)
     content.extend(client._iterate(steps))
 
 

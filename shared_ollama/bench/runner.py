@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from .._core.requests import chat_op, generate_op
 from ..client import SharedClient
 from ..errors import SharedOllamaError
 from .collector import PHASE_TAG, SEQ_TAG, WORKLOAD_TAG, Collector
@@ -162,13 +161,7 @@ class Runner:
             return
         # Streams are read as content flags, with no typed chunk built: the call is routed,
         # retried and accounted as any stream, and the driver keeps up with faster servers.
-        common: dict[str, Any] = {"think": None, "format": None, "keep_alive": None, **session}
-        if spec.operation == "chat":
-            op = chat_op(spec.model, spec.messages, tools=None, stream=True, options=opts, **common)
-        else:
-            op = generate_op(spec.model, spec.prompt or "", suffix=None, system=spec.system,
-                             template=None, context=None, stream=True, raw=None, images=None,
-                             options=opts, **common)  # fmt: skip
+        op = spec.stream_op(spec.session)
         flags = self.client._content_flags(op, tags, text=reply is not None)
         # aclosing: a cancelled stream must emit its record now, not when collected.
         async with contextlib.aclosing(flags):  # type: ignore[type-var]

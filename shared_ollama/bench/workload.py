@@ -23,6 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .._core.requests import Op, chat_op, generate_op
+from ..protocols import Parsed
+
 __all__ = [
     "WORDS",
     "Conversation",
@@ -687,6 +690,20 @@ class RequestSpec:
     def call_options(self) -> dict[str, Any]:
         """The ``options`` argument: the workload's plus ``num_predict``."""
         return {**self.options, "num_predict": self.max_tokens}
+
+    def stream_op(self, session: str | None = None) -> Op[Parsed]:
+        """The streamed call, as the client's steps take it (the bench reads streams as
+        content flags, with no typed chunk built); ``session=`` only where given."""
+        opts = self.call_options()
+        common: dict[str, Any] = {"think": None, "format": None, "keep_alive": None}
+        if session is not None:
+            common["session"] = session
+        if self.operation == "chat":
+            return chat_op(self.model, self.messages, tools=None, stream=True, options=opts,
+                           **common)  # fmt: skip
+        return generate_op(self.model, self.prompt or "", suffix=None, system=self.system,
+                           template=None, context=None, stream=True, raw=None, images=None,
+                           options=opts, **common)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from shared_ollama import Endpoint, SharedClient
-from shared_ollama.bench import runner as runner_module
+from shared_ollama.bench import workload as workload_module
 from shared_ollama.bench.ab import parse_strategies
 from shared_ollama.bench.cli import main
 from shared_ollama.bench.collector import SEQ_TAG, Collector
@@ -201,7 +201,7 @@ async def test_sessions_run_in_order_with_think_time_and_session_ids(
     w = Workload(name="s", prompt_tokens="uniform:4:8", max_tokens=3, sessions=sessions)
     events: list[tuple[str, Any]] = []
     passed: list[str | None] = []
-    real_chat_op = runner_module.chat_op
+    real_chat_op = workload_module.chat_op
 
     def spy(*args: Any, **kw: Any) -> Any:
         passed.append(kw.get("session"))
@@ -213,7 +213,7 @@ async def test_sessions_run_in_order_with_think_time_and_session_ids(
     def on_record(rec: CallRecord) -> None:
         events.append(("end", int(rec.tags[SEQ_TAG])))
 
-    monkeypatch.setattr(runner_module, "chat_op", spy)
+    monkeypatch.setattr(workload_module, "chat_op", spy)
     timing = TimingModel(ttft_base_s=0.001, ttft_per_prompt_token_s=0.0, itl_s=0.0005)
     with FakeEngine("openai", models=(MODEL,), timing=timing, slots=8) as engine:
         collector = Collector(on_record)
