@@ -613,22 +613,31 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     except (ScenarioError, ValueError) as exc:
         return _input_error(exc)
     from .calibrate import prompt_token_lines
-    from .session import CalibrationFailed, WarmupFailed
 
-    progress = None if args.quiet else _Progress(console)
-    try:
-        with progress or contextlib.nullcontext():
-            result = asyncio.run(_run_async(scenario, progress, console))
-    except CalibrationFailed as exc:
-        return _calibration_error(exc, console)
-    except WarmupFailed as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        return 3
+    result = _run_one(scenario, args, console)
+    if isinstance(result, int):
+        return result
     print_summary(result, console)
     for line in prompt_token_lines(result):
         console.print(line, highlight=False, markup=False)
     _write(result, _out_dir(scenario), scenario.html, console, scenario.pdf)
     return 130 if result.metadata.interrupted else 0
+
+
+def _run_one(scenario: Any, args: argparse.Namespace, console: Console) -> Any:
+    """Run ``scenario`` with the progress display: its result, or the exit code of a
+    calibration (see ``_calibration_error``) or warm-up (3) failure."""
+    from .session import CalibrationFailed, WarmupFailed
+
+    progress = None if args.quiet else _Progress(console)
+    try:
+        with progress or contextlib.nullcontext():
+            return asyncio.run(_run_async(scenario, progress, console))
+    except CalibrationFailed as exc:
+        return _calibration_error(exc, console)
+    except WarmupFailed as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 3
 
 
 def _cmd_strategies(
@@ -637,7 +646,6 @@ def _cmd_strategies(
     """One run per strategy (same workload and seed), each written to its own folder under
     the output folder, then the comparison (terminal, comparison.json and .html)."""
     from .ab import print_strategies, strategy_scenarios, write_comparison
-    from .session import CalibrationFailed, WarmupFailed
 
     out = _out_dir(scenario)
     if not scenario.simulate:
@@ -652,15 +660,9 @@ def _cmd_strategies(
     interrupted = False
     for strategy, one in zip(strategies, strategy_scenarios(scenario, strategies), strict=True):
         console.print(f"[bold]strategy {strategy}[/]", highlight=False)
-        progress = None if args.quiet else _Progress(console)
-        try:
-            with progress or contextlib.nullcontext():
-                result = asyncio.run(_run_async(one, progress, console))
-        except CalibrationFailed as exc:
-            return _calibration_error(exc, console)
-        except WarmupFailed as exc:
-            console.print(f"[red]error:[/] {exc}", highlight=False)
-            return 3
+        result = _run_one(one, args, console)
+        if isinstance(result, int):
+            return result
         _write(result, out / strategy, scenario.html, console, scenario.pdf)
         results.append((strategy, result))
         paths.append(out / strategy / "result.json")
