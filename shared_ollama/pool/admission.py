@@ -70,6 +70,14 @@ class Decision:
 
 
 @dataclass(slots=True)
+class _Order:
+    """One model's waiters in order, and each one's place (by ``seq``)."""
+
+    tickets: list[Ticket]
+    ranks: dict[int, int]
+
+
+@dataclass(slots=True)
 class _Usage:
     value: float = 0.0
     at: float = 0.0
@@ -87,10 +95,8 @@ class Admission:
     def __init__(self, policy: AdmissionPolicy) -> None:
         self.policy = policy
         self._queues: dict[str, list[Ticket]] = {}
-        #: Per model: each waiter's place in the order, and the order; dropped on any change
-        #: (``_orders`` is valid only where ``_ranks`` has the model).
-        self._ranks: dict[str, dict[int, int]] = {}
-        self._orders: dict[str, list[Ticket]] = {}
+        #: Per model: the waiters in order, and each one's place; dropped on any change.
+        self._orders: dict[str, _Order] = {}
         self._usage: dict[str, _Usage] = {}
         self._seq = itertools.count()
         self._lock = threading.Lock()
@@ -150,7 +156,7 @@ class Admission:
         u = self._usage.setdefault(project, _Usage(at=now))
         u.value = max(0.0, self._decayed(u, now) + tokens)
         u.at = max(u.at, now)
-        self._ranks.clear()
+        self._orders.clear()
 
     def estimate(self, project: str) -> float:
         """Tokens a call of ``project`` is expected to cost."""
@@ -162,25 +168,27 @@ class Admission:
     # -- the wait -----------------------------------------------------------------------
     def _rank(self, ticket: Ticket, now: float) -> int:
         """How many waiters for the same model are ordered before ``ticket``."""
-        ranks = self._ranks.get(ticket.key)
-        if ranks is None:
+        return self._order(ticket.key, now).ranks[ticket.seq]
+
+    def _order(self, key: str, now: float) -> _Order:
+        """The waiters for ``key`` in order (sorted again only after a change)."""
+        order = self._orders.get(key)
+        if order is None:
             usage: dict[str, float] = {}
-            for t in self._queues.get(ticket.key, ()):
+            for t in self._queues.get(key, ()):
                 if t.project not in usage:
                     usage[t.project] = self._usage_of(t.project, now)
-            order = sorted(
-                self._queues.get(ticket.key, ()),
+            tickets = sorted(
+                self._queues.get(key, ()),
                 key=lambda t: (t.cls.rank, usage[t.project], t.deadline, t.seq),
             )
-            ranks = {t.seq: i for i, t in enumerate(order)}
-            self._ranks[ticket.key] = ranks
-            self._orders[ticket.key] = order
-        return ranks[ticket.seq]
+            order = self._orders[key] = _Order(tickets, {t.seq: i for i, t in enumerate(tickets)})
+        return order
 
     def _join(self, ticket: Ticket, now: float) -> None:
         ticket.waiting, ticket.queued_at = True, now
         self._queues.setdefault(ticket.key, []).append(ticket)
-        self._ranks.pop(ticket.key, None)
+        self._orders.pop(ticket.key, None)
         self._count += 1
 
     def _leave(self, ticket: Ticket) -> None:
@@ -191,7 +199,7 @@ class Admission:
             queue.remove(ticket)
             if not queue:
                 del self._queues[ticket.key]
-            self._ranks.pop(ticket.key, None)
+            self._orders.pop(ticket.key, None)
             self._count -= 1
 
     def decide(self, ticket: Ticket, now: float, free: int | None) -> Decision:
@@ -239,7 +247,7 @@ class Admission:
         if usable > 0:
             # Free slots go to the best-ordered waiters: those asleep are woken (the order
             # may have changed since a release woke the one it thought best).
-            for t in self._orders[ticket.key][:usable]:
+            for t in self._orders[ticket.key].tickets[:usable]:
                 self._wake_later(t)
         if short and now >= ticket.wait_bound():
             return self._expired(ticket, ahead, len(rivals), free)
@@ -285,9 +293,8 @@ class Admission:
     def wake(self, now: float) -> None:
         """A slot was given back: wake the best-ordered sleeping waiter of each model."""
         with self._lock:
-            for queue in list(self._queues.values()):
-                self._rank(queue[0], now)  # the model's order, sorted if it changed
-                for t in self._orders[queue[0].key]:
+            for key in self._queues:
+                for t in self._order(key, now).tickets:
                     if t.waker is not None:
                         self._wake_later(t)
                         break
