@@ -141,10 +141,10 @@ class Runner:
         content: list[bool] | None,
         reply: list[str] | None = None,
     ) -> None:
-        opts = spec.call_options()
-        # Only routing workloads name a session: other calls keep the client's plain path.
-        session: dict[str, Any] = {} if spec.session is None else {"session": spec.session}
         if content is None:
+            opts = spec.call_options()
+            # Only routing workloads name a session: other calls keep the client's plain path.
+            session: dict[str, Any] = {} if spec.session is None else {"session": spec.session}
             if spec.operation == "chat":
                 answer = await self.client.chat(
                     spec.model, spec.messages, options=opts, tags=tags, **session

@@ -560,14 +560,14 @@ def _system_text(seed: int, tag: str, n_words: int) -> str:
     return synthetic_prompt(n_words, random.Random(f"system:{seed}:{tag}"))
 
 
-def echoed(spec: RequestSpec, sent: Sequence[Mapping[str, Any]], reply: str) -> RequestSpec:
+def echoed(spec: RequestSpec, sent: list[dict[str, Any]], reply: str) -> RequestSpec:
     """A session's next turn with its history as sent (``sent``, the previous turn's
     messages) and the server's ``reply`` to it, then the turn's own new user message."""
     messages = [*sent, {"role": "assistant", "content": reply}, *(spec.messages or [])[-1:]]
     words = [_words(str(m.get("content") or "")) for m in messages]
     total = sum(words)
     share = (total - words[-1]) / total if total else 0.0
-    return replace(spec, messages=[dict(m) for m in messages], history_share=share)
+    return replace(spec, messages=messages, history_share=share)
 
 
 def conversation(
