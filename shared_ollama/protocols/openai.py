@@ -270,18 +270,9 @@ class OpenAIStream(FramedStream[SSEEvent]):
         has_usage = "usage" in obj
         if "timings" in obj:  # llama.cpp's, on its last chunk
             piece.server_timings = _llamacpp_timings(obj, what)
+        if has_usage or "timings" in obj:  # only where they are: this runs every chunk
             piece.cached_tokens = cached_tokens(obj, what)
-        elif has_usage:
-            piece.cached_tokens = cached_tokens(obj, what)
-        choices = obj.get("choices")
-        choice: dict[str, Any] | None = None
-        if choices:
-            if not isinstance(choices, list):
-                opt_list(obj, "choices", what)  # raises
-            # We never ask for n > 1, so the first choice is the only one.
-            choice = expect_dict(choices[0], what)
-        elif choices is not None and not isinstance(choices, list):
-            opt_list(obj, "choices", what)  # raises
+        choice = _first_choice(obj, what)
         if choice is not None:
             if self._chat:
                 delta = opt_dict(choice, "delta", what) or {}
@@ -458,8 +449,11 @@ def _object(body: bytes, what: str) -> dict[str, Any]:
 
 
 def _first_choice(obj: Mapping[str, Any], what: str) -> dict[str, Any] | None:
-    # We never ask for n > 1, so the first choice is the only one.
-    choices = opt_list(obj, "choices", what)
+    # We never ask for n > 1, so the first choice is the only one. Runs on every stream
+    # chunk: the type is checked inline, the accessor only names a wrong one.
+    choices = obj.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        opt_list(obj, "choices", what)  # raises ProtocolError
     return expect_dict(choices[0], what) if choices else None
 
 
