@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import psycopg
 from psycopg.sql import SQL, Composed, Identifier, Literal
@@ -171,8 +172,13 @@ class PostgresServer:
             # The unprivileged user must own the directory it initialises and logs into.
             for path in (self._root, pwfile):
                 os.chown(path, user.pw_uid, user.pw_gid)
-        run_user = user.pw_uid if user is not None else None
-        run_group = user.pw_gid if user is not None else None
+        # Both processes run as that user, in the C locale and UTC, from the scratch root.
+        as_user: dict[str, Any] = {
+            "user": user.pw_uid if user is not None else None,
+            "group": user.pw_gid if user is not None else None,
+            "env": {**os.environ, "LC_ALL": "C", "TZ": "UTC"},
+            "cwd": self._root,
+        }
         initdb = [str(self.bin_dir / "initdb"), "-D", str(data), "-U", _SUPERUSER]
         initdb += ["--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"]
         with open(self._root / "initdb.log", "wb") as log:
@@ -180,11 +186,8 @@ class PostgresServer:
                 initdb,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                user=run_user,
-                group=run_group,
-                env={**os.environ, "LC_ALL": "C", "TZ": "UTC"},
-                cwd=self._root,
                 check=False,
+                **as_user,
             )
         if done.returncode != 0:
             raise PostgresUnavailable(f"initdb failed ({done.returncode}):\n{self.log_tail()}")
@@ -201,11 +204,8 @@ class PostgresServer:
                 server,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
-                user=run_user,
-                group=run_group,
-                env={**os.environ, "LC_ALL": "C", "TZ": "UTC"},
-                cwd=self._root,
                 start_new_session=True,
+                **as_user,
             )
         finally:
             os.close(log_fd)
