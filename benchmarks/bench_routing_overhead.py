@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from contextlib import ExitStack
 import httpx
 
 from shared_ollama import Endpoint, HealthPolicy, SharedClient, UsageConfig
+from shared_ollama.testing import TimingModel, engine_process
 
 MODEL = "bench-model"
 BODY = {"model": MODEL, "prompt": "one two three", "stream": False, "options": {"num_predict": 4}}
@@ -28,16 +28,8 @@ BODY = {"model": MODEL, "prompt": "one two three", "stream": False, "options": {
 
 def start_engine(stack: ExitStack) -> str:
     """An ollama FakeEngine in its own process with near-zero model latency."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared_ollama.testing", "--kind", "ollama", "--port", "0",
-         "--model", MODEL, "--ttft-base-s", "0", "--itl-s", "0", "--slots", "64"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    stack.callback(proc.wait, 10)
-    stack.callback(proc.terminate)
-    assert proc.stdout is not None
-    return proc.stdout.readline().strip()
+    timing = TimingModel(ttft_base_s=0, itl_s=0)
+    return stack.enter_context(engine_process(timing=timing, models=[MODEL], slots=64)).url
 
 
 async def timed(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:

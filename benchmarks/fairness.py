@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from shared_ollama.config import (
 )
 from shared_ollama.errors import Overloaded, SharedOllamaError
 from shared_ollama.records import CallRecord
+from shared_ollama.testing import TimingModel, engine_process
 
 MODEL = "fake-llama"
 CLASSES = {
@@ -58,19 +58,6 @@ class Run:
     def p(self, q: float) -> float:
         xs = sorted(self.quiet_ttft_s)
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
-
-def start_engine(slots: int) -> tuple[subprocess.Popen[str], str]:
-    """A FakeEngine in its own process (its timing unaffected by the client's GIL)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared_ollama.testing", "--kind", "ollama", "--port", "0",
-         "--model", MODEL, "--slots", str(slots), "--ttft-base-s", "0.05",
-         "--ttft-per-prompt-token-s", "0", "--itl-s", "0.01", "--default-max-tokens", "16"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
 
 
 async def scenario(url: str, name: str, *, slots: int, seconds: float, quiet_rate: float,
@@ -134,8 +121,11 @@ async def scenario(url: str, name: str, *, slots: int, seconds: float, quiet_rat
 
 
 async def main_async(args: argparse.Namespace) -> list[Run]:
-    proc, url = start_engine(args.slots)
-    try:
+    # The engine in its own process: its timing unaffected by the client's GIL.
+    timing = TimingModel(ttft_base_s=0.05, ttft_per_prompt_token_s=0, itl_s=0.01,
+                         default_max_tokens=16)  # fmt: skip
+    with engine_process(timing=timing, models=[MODEL], slots=args.slots) as engine:
+        url = engine.url
         kw: dict[str, Any] = {"slots": args.slots, "seconds": args.seconds,
                               "quiet_rate": args.quiet_rate, "quiet_class": args.quiet_class,
                               "flood_class": args.flood_class}  # fmt: skip
@@ -145,9 +135,6 @@ async def main_async(args: argparse.Namespace) -> list[Run]:
             ("beside the flood, admission off", True, False),
         ]
         return [await scenario(url, name, flood=f, admission=a, **kw) for name, f, a in plan]
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from shared_ollama.bench.locust_report import load_locust_run
+from shared_ollama.testing import TimingModel, engine_process
 
 MODEL = "fake-llama"
 LOCUSTFILE = "from shared_ollama.bench.locust import SharedOllamaUser  # noqa: F401\n"
@@ -31,17 +32,10 @@ LOCUSTFILE = "from shared_ollama.bench.locust import SharedOllamaUser  # noqa: F
 
 def start_engine(stack: ExitStack) -> tuple[str, psutil.Process]:
     """An openai FakeEngine in its own process: 1 ms to the first token, 0.2 ms a token."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared_ollama.testing", "--kind", "openai", "--port", "0",
-         "--model", MODEL, "--ttft-base-s", "0.001", "--ttft-per-prompt-token-s", "0",
-         "--itl-s", "0.0002", "--slots", "512"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    stack.callback(proc.wait, 10)
-    stack.callback(proc.terminate)
-    assert proc.stdout is not None
-    return proc.stdout.readline().strip(), psutil.Process(proc.pid)
+    timing = TimingModel(ttft_base_s=0.001, ttft_per_prompt_token_s=0, itl_s=0.0002)
+    engine = stack.enter_context(engine_process("openai", timing=timing, models=[MODEL],
+                                                slots=512))  # fmt: skip
+    return engine.url, psutil.Process(engine.process.pid)
 
 
 def _free_port() -> int:

@@ -13,25 +13,18 @@ import argparse
 import json
 import socket
 import statistics
-import subprocess
-import sys
 import time
+
+from shared_ollama.testing import TimingModel, engine_process
 
 TTFT_MS = 50.0
 
 
 def main(runs: int) -> None:
     """Measure and print the error distribution over the engine's TTFT."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared_ollama.testing", "--kind", "ollama", "--port", "0",
-         "--ttft-base-s", str(TTFT_MS / 1e3), "--ttft-per-prompt-token-s", "0",
-         "--itl-s", "0.05", "--slots", "64"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline().strip().rsplit(":", 1)[1])
+    timing = TimingModel(ttft_base_s=TTFT_MS / 1e3, ttft_per_prompt_token_s=0, itl_s=0.05)
+    with engine_process(timing=timing, slots=64) as engine:
+        port = int(engine.url.rsplit(":", 1)[1])
         body = json.dumps(
             {
                 "model": "fake-llama",
@@ -53,9 +46,6 @@ def main(runs: int) -> None:
                     seen += sock.recv(65536)
                 if i >= 10:  # the first ones warm the engine up
                     errors.append((time.perf_counter_ns() - t0) / 1e6 - TTFT_MS)
-    finally:
-        proc.terminate()
-        proc.wait(10)
     errors.sort()
     p99 = errors[int(0.99 * (len(errors) - 1))]
     p50 = statistics.median(errors)

@@ -8,7 +8,17 @@ Standalone: imports nothing else from ``shared_ollama``. Needs the ``testing`` e
 from ._calls import CallCounter
 from ._engine import FakeEngine
 from ._faults import Fault, Faults
+from ._process import EngineProcess, engine_process
 from ._stats import EngineStats
 from ._timing import TimingModel
 
-__all__ = ["CallCounter", "EngineStats", "FakeEngine", "Fault", "Faults", "TimingModel"]
+__all__ = [
+    "CallCounter",
+    "EngineProcess",
+    "EngineStats",
+    "FakeEngine",
+    "Fault",
+    "Faults",
+    "TimingModel",
+    "engine_process",
+]

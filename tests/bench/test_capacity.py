@@ -7,8 +7,6 @@ import json
 import math
 import random
 import statistics
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +33,7 @@ from shared_ollama.bench.result import CapacityResult, load_result, write_json
 from shared_ollama.bench.runner import PhaseRun
 from shared_ollama.bench.scenario import validate_scenario
 from shared_ollama.bench.scheduler import ClosedLoop, PhasePlan, Stop
-from shared_ollama.testing import TimingModel
+from shared_ollama.testing import TimingModel, engine_process
 
 from ..conftest import MODEL
 from ._helpers import MS, req
@@ -314,18 +312,8 @@ SLO = {"p90_ttft_ms": TTFT_LIMIT_MS}
 def saturating_engine() -> Iterator[str]:
     """The engine in its own process, so its slots keep time whatever the bench's process
     does; its URL."""
-    args = ["--kind", "openai", "--model", MODEL, "--slots", str(SLOTS),
-            "--ttft-base-s", str(TIMING.ttft_base_s), "--ttft-per-prompt-token-s", "0",
-            "--itl-s", str(TIMING.itl_s), "--itl-per-active-s", "0"]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared_ollama.testing", *args], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        yield proc.stdout.readline().strip()  # printed once serving
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with engine_process("openai", timing=TIMING, models=[MODEL], slots=SLOTS) as engine:
+        yield engine.url
 
 
 def test_cli_concurrency_capacity_is_the_slot_count(

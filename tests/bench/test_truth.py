@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +27,7 @@ import pytest
 from shared_ollama.bench.result import BenchResult
 from shared_ollama.bench.scenario import validate_scenario
 from shared_ollama.bench.session import run_scenario
+from shared_ollama.testing import TimingModel, engine_process
 from tests.realservers.fixtures import report_line
 
 CONCURRENCY = 64
@@ -89,15 +88,9 @@ class Truth:
         return "\n".join(lines)
 
 
-def _engine(kind: str, tokens_per_chunk: int) -> tuple[subprocess.Popen[str], str]:
-    args = ["--kind", kind, "--model", MODEL, "--slots", "256", "--ttft-base-s", str(TTFT_S),
-            "--ttft-per-prompt-token-s", "0", "--itl-s", str(ITL_S), "--itl-per-active-s", "0",
-            "--tokens-per-chunk", str(tokens_per_chunk)]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared_ollama.testing", *args], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()  # the engine prints its URL once serving
+def _timing(tokens_per_chunk: int) -> TimingModel:
+    return TimingModel(ttft_base_s=TTFT_S, ttft_per_prompt_token_s=0, itl_s=ITL_S,
+                       itl_per_active_s=0, tokens_per_chunk=tokens_per_chunk)  # fmt: skip
 
 
 # -- the floor: a bare aiohttp loop, no parsing beyond what finds a content chunk ---------------
@@ -174,13 +167,9 @@ def _bench(kind: str, url: str) -> BenchResult:
 
 def _measure(kind: str, k: int) -> Truth:
     """The floor, then the bench, against one engine of known schedule."""
-    proc, url = _engine(kind, k)
-    try:
-        floor = asyncio.run(_floor(kind, url, k))
-        result = _bench(kind, url)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with engine_process(kind, timing=_timing(k), models=[MODEL], slots=256) as engine:
+        floor = asyncio.run(_floor(kind, engine.url, k))
+        result = _bench(kind, engine.url)
     ok = [r for r in result.requests if r.ok]
     bench = Samples(
         ttft=[r.ttft_ms for r in ok if r.ttft_ms is not None],
