@@ -160,15 +160,27 @@ class AiohttpSharedClient(SharedClient):
                     proxy=session.proxy,
                     allow_redirects=False,
                 )
-            except aiohttp.ServerDisconnectedError:
+            except aiohttp.ClientError as exc:
                 # A pooled keep-alive connection the server had closed: it never saw the
                 # request, so once more on a fresh connection (as the httpx interpreter).
-                if fresh:
+                if fresh or not _unsent(exc):
                     raise
                 continue
             raw = {k.lower(): v for k, v in response.headers.items()}
             return Head(response.status, raw, _AioReply(response), time.monotonic_ns())
         raise AssertionError("unreachable")
+
+
+def _unsent(exc: aiohttp.ClientError) -> bool:
+    """The request cannot have been served: the server closed the connection before any of
+    the reply (llama-server closes after every stream while advertising keep-alive), or
+    before aiohttp could write the whole request on it (a closing or reset transport)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionResetError):
+        return True
+    # aiohttp says so only in the message (its errno is None when the transport was closing).
+    return isinstance(exc, aiohttp.ClientOSError) and str(exc.strerror).startswith(
+        "Can not write request"
+    )
 
 
 def _error(op: Send | Read, exc: aiohttp.ClientError) -> SharedOllamaError:

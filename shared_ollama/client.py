@@ -66,12 +66,12 @@ __all__ = ["SharedClient", "SyncSharedClient"]
 
 # _STALE: "Server disconnected without sending a response" on a pooled keep-alive connection
 # the server had already closed (llama-server closes after every stream while advertising
-# keep-alive). The server never saw the request, so sending it again at once is safe and
-# must not cost a retry, a breaker failure or budget. Any other protocol error (a garbled
-# status line, a broken head) is an answer of sorts: it goes through the retry policy and
-# counts as an attempt.
-def _stale(exc: httpx.RemoteProtocolError) -> bool:
-    return "without sending a response" in str(exc)
+# keep-alive), or the request could not be written on it. The server never saw the request,
+# so sending it again at once is safe and must not cost a retry, a breaker failure or
+# budget. Any other protocol error (a garbled status line, a broken head) is an answer of
+# sorts: it goes through the retry policy and counts as an attempt.
+def _stale(exc: httpx.RemoteProtocolError | httpx.WriteError) -> bool:
+    return isinstance(exc, httpx.WriteError) or "without sending a response" in str(exc)
 
 
 class _Reply:
@@ -476,7 +476,7 @@ class SharedClient(BaseClient[httpx.AsyncBaseTransport]):
                     try:
                         try:
                             return _head(await send(request), connection, shard)
-                        except httpx.RemoteProtocolError as exc:
+                        except (httpx.RemoteProtocolError, httpx.WriteError) as exc:
                             if not _stale(exc):
                                 raise
                             # See _STALE: once more, on a fresh connection.
@@ -1135,7 +1135,7 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
                 try:
                     try:
                         return _head(send(request), connection, shard)
-                    except httpx.RemoteProtocolError as exc:
+                    except (httpx.RemoteProtocolError, httpx.WriteError) as exc:
                         if (alarm is not None and alarm.fired) or not _stale(exc):
                             raise
                         # See _STALE: once more, on a fresh connection.

@@ -19,6 +19,7 @@ from shared_ollama import (
     NoEndpointAvailable,
     RetryPolicy,
 )
+from shared_ollama.aiohttp_client import AiohttpSharedClient
 from shared_ollama.records import CallRecord
 from tests.realservers.fixtures import LLAMA_API_KEY
 
@@ -121,5 +122,21 @@ async def test_stale_keepalive_connections_cost_no_retry(
         for _ in range(40):
             await d.stream("chat", model=MODEL, messages=MESSAGES, options={"num_predict": 2})
             await d.call("chat", model=MODEL, messages=MESSAGES, options={"num_predict": 2})
+    assert len(records) == 80 and all(r.ok for r in records)
+    assert [r.retries for r in records] == [0] * 80
+
+
+async def test_stale_keepalive_connections_cost_no_retry_over_aiohttp(llama_server: Any) -> None:
+    # The same over the bench's aiohttp driver, where reusing the connection the server is
+    # closing mostly fails while writing the request ("Can not write request body"), not with
+    # an EOF: a third of these calls failed with ConnectError before that counted as stale.
+    records: list[CallRecord] = []
+    endpoints = [ep(llama_server)]
+    async with AiohttpSharedClient(endpoints, usage=False, listeners=[records.append]) as client:
+        for _ in range(40):
+            stream = await client.chat(MODEL, MESSAGES, stream=True, options={"num_predict": 2})
+            async for _ in stream:
+                pass
+            await client.chat(MODEL, MESSAGES, options={"num_predict": 2})
     assert len(records) == 80 and all(r.ok for r in records)
     assert [r.retries for r in records] == [0] * 80
