@@ -173,6 +173,18 @@ class Outcome:
         """The calls a routing decision can serve from a cache (every turn but the first)."""
         return dataclasses.replace(self, calls=[c for c in self.calls if c.turn > 0])
 
+    def returned(self) -> tuple[int, int]:
+        """Later turns sent to the endpoint of the session's previous turn, and all later
+        turns: a cache-blind policy on two servers returns about half of them by chance."""
+        previous: dict[int, str] = {}
+        back = later = 0
+        for call in sorted(self.calls, key=lambda c: (c.session, c.turn)):
+            if call.turn > 0 and call.session in previous:
+                later += 1
+                back += call.endpoint == previous[call.session]
+            previous[call.session] = call.endpoint
+        return back, later
+
     def per_endpoint(self) -> Counter[str]:
         """Calls per endpoint."""
         return Counter(c.endpoint for c in self.calls)
@@ -438,9 +450,15 @@ def report(outcomes: dict[str, Outcome], w: Workload, slots: int) -> list[str]:
                   f"  TTFT {part.ttft_ms(0.5):5.1f}  prefill {part.prefill_ms(0.5):5.1f}"
                   f"  rest {part.rest_ms(0.5):4.1f} ms"
                   f"  uncached {part.uncached(0.5):4.0f} tok")  # fmt: skip
+    for outcome in outcomes.values():
+        back, later_turns = outcome.returned()
+        print(f"  {outcome.strategy:<13}later turns on the previous turn's endpoint: "
+              f"{back}/{later_turns}")  # fmt: skip
     for name in ("least_loaded", "round_robin"):
         later = outcomes[name].later_turns().ttft_ms(0.5) / aff.later_turns().ttft_ms(0.5)
-        print(f"later turns only (not a target): TTFT p50 {name}/affinity {later:.2f}")
+        p90 = outcomes[name].ttft_ms(0.9) / aff.ttft_ms(0.9)
+        print(f"not targets: TTFT p50 of later turns {name}/affinity {later:.2f},"
+              f" TTFT p90 of all calls {p90:.2f}")  # fmt: skip
     print("\nworkload rules:")
     for text, ok in rules:
         print(f"  {'ok  ' if ok else 'MISS'} {text}")
