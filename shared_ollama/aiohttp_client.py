@@ -45,7 +45,7 @@ class _AioReply:
 class _Session:
     """One endpoint's aiohttp session (its connection pool), URL and proxy."""
 
-    __slots__ = ("base", "proxy", "session")
+    __slots__ = ("_fresh", "base", "connect_s", "proxy", "session", "ssl")
 
     def __init__(self, endpoint: Endpoint, connect_s: float | None) -> None:
         proxy = endpoint.proxy.get_secret_value() if endpoint.proxy is not None else None
@@ -55,20 +55,43 @@ class _Session:
             raise ConfigError(f"aiohttp sends through HTTP(S) proxies only: {endpoint.url}")
         self.base = endpoint.url
         self.proxy = proxy
+        self.connect_s = connect_s
+        self.ssl = ssl_context(endpoint)
         connector = aiohttp.TCPConnector(
             limit=endpoint.max_connections,
             limit_per_host=0,
-            ssl=ssl_context(endpoint),
+            ssl=self.ssl,
             keepalive_timeout=5.0,  # httpcore's keep-alive expiry
         )
-        self.session = aiohttp.ClientSession(
+        self.session = self._client(connector)
+        self._fresh: aiohttp.ClientSession | None = None
+
+    def _client(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_s),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_s),
             headers=DEFAULT_HEADERS,
             auto_decompress=True,
             skip_auto_headers=("user-agent",),
             trust_env=False,  # the proxy is resolved above, per endpoint
         )
+
+    def fresh(self) -> aiohttp.ClientSession:
+        """A session that opens a new connection for every request: for a request sent once
+        more after a pooled connection turned out closed. Every other idle connection of
+        the pool may be closed too (llama-server closes each after its stream) and aiohttp
+        would hand out the next one. Each such request replaces a connection the pool just
+        dropped, so the endpoint's connection bound holds."""
+        if self._fresh is None:
+            connector = aiohttp.TCPConnector(limit=0, ssl=self.ssl, force_close=True)
+            self._fresh = self._client(connector)
+        return self._fresh
+
+    async def close(self) -> None:
+        """Close both sessions."""
+        await self.session.close()
+        if self._fresh is not None:
+            await self._fresh.close()
 
 
 class AiohttpSharedClient(SharedClient):
@@ -98,7 +121,7 @@ class AiohttpSharedClient(SharedClient):
         """As ``SharedClient.aclose``, then the aiohttp sessions are closed."""
         await super().aclose()
         sessions, self._sessions = list(self._sessions.values()), {}
-        await asyncio.gather(*(s.session.close() for s in sessions))
+        await asyncio.gather(*(s.close() for s in sessions))
 
     async def _close_reply(self, reply: Any) -> None:
         response: aiohttp.ClientResponse = reply.response
@@ -152,7 +175,8 @@ class AiohttpSharedClient(SharedClient):
         url = session.base + wire.path
         for fresh in (False, True):
             try:
-                response = await session.session.request(
+                client = session.fresh() if fresh else session.session
+                response = await client.request(
                     wire.method,
                     url,
                     data=data,

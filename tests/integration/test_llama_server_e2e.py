@@ -6,6 +6,7 @@ these tests run in CI and fail there (not skip) if it cannot start.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from shared_ollama import (
     Endpoint,
     NoEndpointAvailable,
     RetryPolicy,
+    SharedClient,
 )
 from shared_ollama.aiohttp_client import AiohttpSharedClient
 from shared_ollama.records import CallRecord
@@ -140,3 +142,26 @@ async def test_stale_keepalive_connections_cost_no_retry_over_aiohttp(llama_serv
             await client.chat(MODEL, MESSAGES, options={"num_predict": 2})
     assert len(records) == 80 and all(r.ok for r in records)
     assert [r.retries for r in records] == [0] * 80
+
+
+@pytest.mark.parametrize("client_class", [SharedClient, AiohttpSharedClient])
+async def test_concurrent_streams_cost_no_retry(
+    llama_server: Any, client_class: type[SharedClient]
+) -> None:
+    # Eight workers back to back (the bench's closed loop): each stream's connection is closed
+    # by the server, so the pool holds several dead ones at once, and over aiohttp a request
+    # sent once more through the pool took the next dead one. The second send opens a new
+    # connection.
+    records: list[CallRecord] = []
+    endpoints = [ep(llama_server)]
+
+    async def worker(client: SharedClient) -> None:
+        for _ in range(6):
+            stream = await client.chat(MODEL, MESSAGES, stream=True, options={"num_predict": 8})
+            async for _ in stream:
+                pass
+
+    async with client_class(endpoints, usage=False, listeners=[records.append]) as client:
+        await asyncio.gather(*(worker(client) for _ in range(8)))
+    assert len(records) == 48 and all(r.ok for r in records)
+    assert [r.retries for r in records] == [0] * 48
