@@ -651,8 +651,8 @@ def _cmd_strategies(
     if not scenario.simulate:
         console.print(
             "[yellow]note:[/] each strategy's prompts start with a salt of their own "
-            "([ab 1], [ab 2], ...): no run is served from what an earlier one left in the "
-            "servers' prompt caches",
+            f"({escape('[ab 1], [ab 2]')}, ...): no run is served from what an earlier one "
+            "left in the servers' prompt caches",
             highlight=False,
         )
     results: list[tuple[str, Any]] = []

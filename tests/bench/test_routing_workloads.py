@@ -277,6 +277,20 @@ def test_strategy_ab_shows_affinity_keeps_sessions_cached(tmp_path: Path) -> Non
     assert "round_robin" in (out / "comparison.html").read_text(encoding="utf-8")
 
 
+def test_a_real_pool_ab_names_its_salts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The note shows the salts as they are sent (rich took "[ab 1]" for markup and printed
+    # nothing in its place).
+    with FakeEngine(kind="openai", models=("m",), slots=4) as engine:
+        argv = [
+            "--endpoint", f"{engine.url},openai", "--model", "m", "--workload", "sessions",
+            "--sessions", "2", "--turns", "2", "--think", "0", "--prompt-tokens", "8",
+            "--max-tokens", "2", "--strategies", "affinity,round_robin", "--no-samplers",
+            "--no-calibrate", "--quiet", "--no-html", "--out", str(tmp_path / "ab"),
+        ]  # fmt: skip
+        assert main(argv) == 0
+    assert "salt of their own ([ab 1], [ab 2], ...)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_routing_keys_in_a_scenario_file(tmp_path: Path) -> None:
     from shared_ollama.bench.scenario import load_scenario
 
