@@ -53,6 +53,30 @@ REPLY_TOKENS = 4
 Sample = tuple[float, float]
 
 
+class _FirstEvent:
+    """One streamed call's clock: started when made, stopped at the first SSE event; the
+    server's ``timings`` from the last event that carries them."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.timings: dict[str, float] = {}
+
+    def line(self, line: str) -> None:
+        """Take one line of the SSE stream."""
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return
+        event = json.loads(line[6:])
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.timings = event.get("timings", self.timings)
+
+    def sample(self) -> Sample:
+        """TTFT in ms and the server's ``prompt_ms``."""
+        assert self.first is not None, "no event came"
+        return 1000 * (self.first - self.started), float(self.timings["prompt_ms"])
+
+
 class Probe:
     """Follow-up turns on one cached conversation, by one path and client."""
 
@@ -72,54 +96,35 @@ class Probe:
         ]
         return self.base + tail
 
+    def chat_body(self) -> dict[str, object]:
+        """A streamed follow-up for ``/v1/chat/completions``."""
+        return {"model": MODEL, "messages": self.follow_up(), "max_tokens": REPLY_TOKENS,
+                "stream": True}  # fmt: skip
+
     def raw(self, http: httpx.Client, chat: bool) -> Sample:
         """One streamed call over raw httpx: chat, or the same text as a raw prompt."""
-        messages = self.follow_up()
         if chat:
-            path = "/v1/chat/completions"
-            body: dict[str, object] = {
-                "model": MODEL,
-                "messages": messages,
-                "max_tokens": REPLY_TOKENS,
-                "stream": True,
-            }
+            path, body = "/v1/chat/completions", self.chat_body()
         else:
+            text = "\n".join(m["content"] for m in self.follow_up())
             path = "/completion"
-            text = "\n".join(m["content"] for m in messages)
             body = {"prompt": text, "n_predict": REPLY_TOKENS, "stream": True}
-        started = time.perf_counter()
-        first: float | None = None
-        timings: dict[str, float] = {}
+        clock = _FirstEvent()
         with http.stream("POST", self.url + path, json=body) as reply:
             reply.raise_for_status()
             for line in reply.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if first is None:
-                    first = time.perf_counter()
-                timings = event.get("timings", timings)
-        assert first is not None, "no event came"
-        return 1000 * (first - started), float(timings["prompt_ms"])
+                clock.line(line)
+        return clock.sample()
 
     async def raw_async(self, http: httpx.AsyncClient) -> Sample:
         """One streamed chat call over raw async httpx (the event loop, no SharedClient)."""
-        body = {"model": MODEL, "messages": self.follow_up(), "max_tokens": REPLY_TOKENS,
-                "stream": True}  # fmt: skip
-        started = time.perf_counter()
-        first: float | None = None
-        timings: dict[str, float] = {}
+        body = self.chat_body()
+        clock = _FirstEvent()
         async with http.stream("POST", self.url + "/v1/chat/completions", json=body) as reply:
             reply.raise_for_status()
             async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if first is None:
-                    first = time.perf_counter()
-                timings = event.get("timings", timings)
-        assert first is not None, "no event came"
-        return 1000 * (first - started), float(timings["prompt_ms"])
+                clock.line(line)
+        return clock.sample()
 
     async def shared(self, client: SharedClient, records: list[CallRecord]) -> Sample:
         """One streamed chat call through ``SharedClient``, read back from its record."""
