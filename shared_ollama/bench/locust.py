@@ -45,12 +45,13 @@ import socket
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from locust import User, constant, events, task
+from locust import User, events, task
 from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
@@ -71,7 +72,7 @@ from .scenario import (
     read_scenario_file,
     validate_scenario,
 )
-from .workload import RequestSpec, WorkloadMix
+from .workload import RequestSpec, Turn, WorkloadMix, echoed
 
 __all__ = [
     "META_FILE",
@@ -112,6 +113,10 @@ def _listen(hook: Any, listener: Callable[..., None]) -> None:
 
 def _has_content(record: CallRecord, piece: Piece) -> bool:
     return piece.has_content
+
+
+def _content_and_text(record: CallRecord, piece: Piece) -> tuple[bool, str]:
+    return piece.has_content, piece.text
 
 
 def _add_flags(parser: Any, **_: Any) -> None:
@@ -190,6 +195,22 @@ def build_scenario(environment: Environment) -> Scenario:
     return scenario.model_copy(update={"pool": pool})
 
 
+class _Talk:
+    """One user's conversation in a sessions workload: the turns left, the messages of the
+    last turn sent and the server's reply to it (for ``echo_replies``)."""
+
+    __slots__ = ("reply", "sent", "turns")
+
+    def __init__(self) -> None:
+        self.turns: deque[tuple[Turn, RequestSpec]] = deque()
+        self.sent: list[dict[str, Any]] | None = None
+        self.reply: list[str] = []
+
+    def think_s(self) -> float:
+        """Seconds to wait before the next turn (0 before a conversation's first)."""
+        return self.turns[0][0].think_s if self.turns else 0.0
+
+
 class _Process:
     """One Locust process's client, workload mix and records (users share them)."""
 
@@ -234,8 +255,15 @@ class _Process:
         scenario = build_scenario(self.environment)
         runner = self.environment.runner
         index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
+        # Each worker draws its own requests (and sessions, with system prompts of their
+        # own); its session ids name it, so two workers' conversations never share an id.
+        # One process sends the bench's own sessions for the seed (ids s00000, ...).
         self.mix = WorkloadMix(
-            scenario.workloads, scenario.model, scenario.seed + index, salt=scenario.prompt_salt
+            scenario.workloads,
+            scenario.model,
+            scenario.seed + index,
+            salt=scenario.prompt_salt,
+            session_prefix=f"w{index}s" if index else "s",
         )
         usage = None if "usage" in scenario.pool.model_fields_set else False
         client = SyncSharedClient(
@@ -253,31 +281,65 @@ class _Process:
         self.finished.clear()
 
     # -- one call -----------------------------------------------------------------------
-    def call(self) -> None:
-        """Send the mix's next request and report it to Locust."""
+    def call(self, talk: _Talk) -> float:
+        """Send the mix's next request (a sessions workload: the user's next turn) and report
+        it to Locust; the seconds the user thinks before its next call."""
         client, mix = self.ready()
-        spec = mix.next()
+        echo = False
+        if mix.sessions is None:
+            spec = mix.next()
+        else:
+            spec = self._turn(mix, talk)
+            echo = mix.sessions.sessions is not None and mix.sessions.sessions.echo_replies
         mix.drawn.clear()  # only the bench's prompt-length report reads it
         call = str(next(self.calls))
         content: list[bool] | None = [] if spec.stream else None
+        reply: list[str] | None = [] if echo else None
         error: Exception | None = None
         t0 = time.perf_counter()
         try:
-            _exchange(client, spec, {_CALL_TAG: call}, content)
+            _exchange(client, spec, {_CALL_TAG: call}, content, reply)
         except Exception as exc:  # library errors are failures; anything else is too
             error = exc
         finally:
             record = self.finished.pop(call, None)
+        talk.sent, talk.reply = spec.messages, reply or []
         if record is None:  # refused before it started (a budget, a closed client)
             elapsed_ms = (time.perf_counter() - t0) * 1e3
             self._fire(spec.operation, spec.workload, elapsed_ms, 0, error or _NoRecord())
-            return
+            return talk.think_s()
         req = RequestRecord.from_call(
-            record, seq=int(call), phase=PHASE, workload=spec.workload, chunk_content=content
+            record,
+            seq=int(call),
+            phase=PHASE,
+            workload=spec.workload,
+            chunk_content=content,
+            session=spec.session,
+            history_share=spec.history_share,
         )
         self._report(req, spec, error)
         if self.keeps_records:
             self._keep(req)
+        return talk.think_s()
+
+    @staticmethod
+    def _turn(mix: WorkloadMix, talk: _Talk) -> RequestSpec:
+        """The user's next turn; a new conversation once its last one is done. Locust has
+        no phases: the sessions go on (numbered on) past the workload's ``count``."""
+        if not talk.turns:
+            drawn = mix.next_conversation()
+            if drawn is None:
+                mix.begin_phase()
+                drawn = mix.next_conversation()
+            assert drawn is not None
+            conv, specs = drawn
+            talk.turns.extend(zip(conv.turns, specs, strict=True))
+            talk.sent, talk.reply = None, []
+        _, spec = talk.turns.popleft()
+        if talk.sent is not None and talk.reply:
+            # The history as this session sent it, with the server's reply (echo_replies).
+            spec = echoed(spec, talk.sent, "".join(talk.reply))
+        return spec
 
     def _report(self, req: RequestRecord, spec: RequestSpec, error: Exception | None) -> None:
         failure = error if error is not None or req.ok else _Failed(req)
@@ -339,21 +401,39 @@ class _Failed(SharedOllamaError):
 
 
 def _exchange(
-    client: SyncSharedClient, spec: RequestSpec, tags: dict[str, str], content: list[bool] | None
+    client: SyncSharedClient,
+    spec: RequestSpec,
+    tags: dict[str, str],
+    content: list[bool] | None,
+    reply: list[str] | None = None,
 ) -> None:
-    """One request as the bench's runner sends it (see ``bench.runner``)."""
-    opts = spec.call_options()
+    """One request as the bench's runner sends it (see ``bench.runner``); ``reply`` (a
+    session that echoes replies) gets the reply's text."""
     if content is None:
+        opts = spec.call_options()
+        session: dict[str, Any] = {} if spec.session is None else {"session": spec.session}
         if spec.operation == "chat":
-            client.chat(spec.model, spec.messages, options=opts, tags=tags)
+            text = client.chat(spec.model, spec.messages, options=opts, tags=tags, **session)
+            said = text.message.content
         else:
             prompt, system = spec.prompt or "", spec.system
-            client.generate(spec.model, prompt, system=system, options=opts, tags=tags)
+            made = client.generate(
+                spec.model, prompt, system=system, options=opts, tags=tags, **session
+            )
+            said = made.response
+        if reply is not None:
+            reply.append(said or "")
         return
     # Streams read as content flags, no typed chunk built (the bench runner's way): the call
     # is routed, retried and accounted as any stream, at less CPU per chunk.
-    steps = client._streaming(spec.stream_op(), _has_content, None, NOT_GIVEN, tags)
-    content.extend(client._iterate(steps))
+    op = spec.stream_op(spec.session)
+    if reply is None:
+        content.extend(client._iterate(client._streaming(op, _has_content, None, NOT_GIVEN, tags)))
+        return
+    steps = client._streaming(op, _content_and_text, None, NOT_GIVEN, tags)
+    for flag, piece in client._iterate(steps):
+        content.append(flag)
+        reply.append(piece)
 
 
 def append_records(out: Path, rows: list[dict[str, Any]], worker: str) -> None:
@@ -526,13 +606,23 @@ class SharedOllamaUser(User):
     """A Locust user that sends the bench's workloads through ``SyncSharedClient``.
 
     Closed loop: each user sends its next request as soon as its last one ends (subclass and
-    set ``wait_time`` for think time). All users of a process share one client, so routing
-    sees the process's whole load.
+    set ``wait_time`` for think time). With a sessions workload each user holds one
+    conversation at a time: its turns in order, each after the turn's think time (as the
+    bench's runner sends them), the session id passed as ``session=``, then the next
+    conversation. All users of a process share one client, so routing sees the process's
+    whole load.
     """
 
-    wait_time = constant(0)
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        self._talk = _Talk()
+        self._think_s = 0.0
+
+    def wait_time(self) -> float:
+        """Seconds before the next call: a session's think time, else none."""
+        return self._think_s
 
     @task
     def call(self) -> None:
         """One request of the workload mix, reported to Locust."""
-        _process(self.environment).call()
+        self._think_s = _process(self.environment).call(self._talk)

@@ -766,7 +766,7 @@ class WorkloadMix:
     """Draws ``RequestSpec``s from weighted workloads with one seeded generator."""
 
     def __init__(self, workloads: Sequence[Workload], model: str | None, seed: int,
-                 *, salt: str = "") -> None:  # fmt: skip
+                 *, salt: str = "", session_prefix: str = "s") -> None:  # fmt: skip
         if not workloads:
             raise ValueError("no workloads")
         missing = [w.name for w in workloads if not (w.model or model)]
@@ -792,6 +792,8 @@ class WorkloadMix:
         self._phase_sessions = 0
         #: Put before every request's prompt (``Scenario.prompt_salt``); drawn after it.
         self.salt = salt
+        #: Session ids are this and the session's number (``s00000``, ...).
+        self.session_prefix = session_prefix
 
     def begin_phase(self) -> None:
         """A phase starts: its ``SessionSpec.count`` sessions are yet to be handed out."""
@@ -811,7 +813,12 @@ class WorkloadMix:
         self._phase_sessions += 1
         index, self._next_session = self._next_session, self._next_session + 1
         conv = conversation(
-            spec, index, seed=self._seed, user_tokens=w.prompt_tokens, reply_tokens=w.max_tokens
+            spec,
+            index,
+            seed=self._seed,
+            user_tokens=w.prompt_tokens,
+            reply_tokens=w.max_tokens,
+            prefix=self.session_prefix,
         )
         specs = [
             RequestSpec(

@@ -242,6 +242,90 @@ def test_one_process_under_gevent_keeps_probes_deadlines_and_ledger(
     assert result.summary.requests == calls and result.summary.failed == 1
 
 
+SESSIONS = """
+model = "fake-llama"
+seed = 11
+
+[pool]
+strategy = "affinity"
+endpoints = [{ url = "URL_A", kind = "openai" }, { url = "URL_B", kind = "openai" }]
+
+[[workloads]]
+name = "talk"
+prompt_tokens = 6
+max_tokens = 5
+# Replies end early at the stop string, so an echoed reply is shorter than a drawn one.
+options = { stop = ["e"] }
+
+[workloads.sessions]
+count = 3
+turns = 3
+system_tokens = 8
+systems = 2
+think_s = 0.05
+echo_replies = true
+
+[[schedules]]
+kind = "concurrency"
+levels = [1]
+
+[warmup]
+requests = 0
+
+[samplers]
+enabled = false
+"""
+
+
+def _turns(records: list[RequestRecord]) -> dict[str, list[RequestRecord]]:
+    """Each session's records in the order they were sent."""
+    out: dict[str, list[RequestRecord]] = {}
+    for rec in sorted(records, key=lambda r: r.t_start_ns):
+        assert rec.session is not None, rec
+        out.setdefault(rec.session, []).append(rec)
+    return out
+
+
+def test_a_sessions_workload_sends_the_benchs_conversations(
+    locust: _Locust, tmp_path: Path
+) -> None:
+    """Each Locust user holds one conversation at a time: its turns in order, with think
+    times, the session id passed as ``session=`` (affinity keeps a session on one endpoint)
+    and the server's replies echoed into the history, the very prompts the bench's runner
+    sends for the seed (before, each call was a single-turn request)."""
+    with (
+        FakeEngine(kind="openai", models=(MODEL,), timing=FAST, slots=8) as a,
+        FakeEngine(kind="openai", models=(MODEL,), timing=FAST, slots=8) as b,
+    ):
+        scenario = tmp_path / "sessions.toml"
+        text = SESSIONS.replace("URL_A", a.url).replace("URL_B", b.url)
+        scenario.write_text(text, encoding="utf-8")
+        bench_out = tmp_path / "bench"
+        argv = ["--scenario", str(scenario), "--quiet", "--no-html", "--out", str(bench_out)]
+        assert main(argv) == 0
+        out = tmp_path / "run"
+        locust.start("local", [
+            "--headless", "-u", "2", "-r", "2", "--run-time", "3s", "--stop-timeout", "10",
+            "--bench-scenario", str(scenario), "--bench-out", str(out),
+            "--json-file", str(tmp_path / "stats"), "--only-summary",
+        ])  # fmt: skip
+        assert locust.wait("local") == 0, locust.logs()
+    reference = _turns(load_result(bench_out / "result.json").requests)
+    sent = _turns([RequestRecord.model_validate(row) for row in _records(out)])
+    assert set(reference) == {"s00000", "s00001", "s00002"}
+    # More sessions than the workload's count: Locust has no phases, the sessions go on.
+    assert len(sent) > 3 and all(session.startswith("s") for session in sent)
+    assert {"s00000", "s00001"} <= set(sent)
+    for session, turns in sent.items():
+        assert len(turns) <= 3 and all(r.ok for r in turns), turns
+        assert len({r.endpoint for r in turns}) == 1  # the session's own endpoint
+        assert {r.routing for r in turns} <= {"affinity", "spill"}
+        tokens = [r.input_tokens for r in turns]
+        assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)  # it grows
+        if session in reference:  # the runner's prompts, the echoed replies included
+            assert tokens == [r.input_tokens for r in reference[session][: len(turns)]]
+
+
 def test_bad_flags_end_the_run_with_one_line(locust: _Locust) -> None:
     locust.start("local", [
         "--headless", "-u", "1", "--run-time", "2s", "--host", "http://127.0.0.1:9",
