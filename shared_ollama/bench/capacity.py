@@ -418,29 +418,40 @@ def _estimate(e: Estimate | None) -> str:
     return f"{e.mean:.4g} ± {(e.high - e.low) / 2:.2g}"
 
 
-def print_capacity(cap: CapacityResult, console: Console | None = None) -> None:
-    """Every probe (load, each SLO metric's mean ± CI half-width, verdict), then the answer."""
-    console = console or Console()
+def capacity_table(cap: CapacityResult) -> tuple[str, list[str], list[list[str]], list[bool]]:
+    """The search as a table: title, columns, a row per probe (by load) and whether each
+    passed; the terminal and the HTML report both show it."""
     how = f"mean of {cap.repeats} ± {cap.confidence:.0%} CI" if cap.repeats > 1 else "1 run each"
-    title = f"Capacity search ({cap.search}; {how})"
-    table = Table(title=title, title_justify="left", header_style="bold")
-    table.add_column("load", justify="right")
-    table.add_column("req/s", justify="right")
-    if cap.search == "rate":
-        table.add_column("achieved", justify="right")
-    for metric, limit in cap.slo.items():
-        table.add_column(f"{metric} (<={limit:g})", justify="right")
-    table.add_column("verdict")
+    columns = ["load", "req/s"] + (["achieved"] if cap.search == "rate" else [])
+    columns += [f"{metric} (<={limit:g})" for metric, limit in cap.slo.items()] + ["verdict"]
+    rows: list[list[str]] = []
+    passed: list[bool] = []
     for p in sorted(cap.probes, key=lambda p: p.load):
-        verdict = ("pass" if p.passed else "FAIL") + ("?" if p.uncertain else "")
         row = [_load(cap.search, p.load), f"{p.throughput or 0:.3g}"]
         if cap.search == "rate":
             row.append("-" if p.achieved_rate is None else f"{p.achieved_rate:.3g}")
         row += [_estimate(p.metrics.get(m)) for m in cap.slo]
-        table.add_row(*row, verdict, style="" if p.passed else "red")
+        rows.append([*row, ("pass" if p.passed else "FAIL") + ("?" if p.uncertain else "")])
+        passed.append(p.passed)
+    return f"Capacity search ({cap.search}; {how})", columns, rows, passed
+
+
+#: Under the table when a verdict carries a "?".
+UNCERTAIN_NOTE = "?: the confidence interval straddles a limit (more --repeats to be sure)"
+
+
+def print_capacity(cap: CapacityResult, console: Console | None = None) -> None:
+    """Every probe (load, each SLO metric's mean ± CI half-width, verdict), then the answer."""
+    console = console or Console()
+    title, columns, rows, passed = capacity_table(cap)
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "verdict" else "right")
+    for row, ok in zip(rows, passed, strict=True):
+        table.add_row(*row, style="" if ok else "red")
     console.print(table)
     if any(p.uncertain for p in cap.probes):
-        console.print("?: the confidence interval straddles a limit (more --repeats to be sure)")
+        console.print(UNCERTAIN_NOTE)
     style = "bold green" if cap.status in ("found", "at_max_load") else "bold red"
     console.print(f"[{style}]{escape(answer_text(cap))}[/]")
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
+from .capacity import UNCERTAIN_NOTE, answer_text, capacity_table
 from .findings import findings
 from .plots import metric_label, plots, series_label
 from .report import (
@@ -127,6 +128,21 @@ def _warnings(result: BenchResult) -> str:
 def _findings(result: BenchResult) -> str:
     items = "".join(f"<li>{escape(line)}</li>" for line in findings(result))
     return f'<h2>Findings</h2><ul class="findings">{items}</ul>' if items else ""
+
+
+def _capacity(result: BenchResult) -> str:
+    """``bench capacity``'s search: every probe and the answer (none for other runs)."""
+    cap = result.capacity
+    if cap is None:
+        return ""
+    title, columns, rows, _ = capacity_table(cap)
+    note = ""
+    if any(p.uncertain for p in cap.probes):
+        note = f'<p class="muted">{escape(UNCERTAIN_NOTE)}</p>'
+    return (
+        f"<h2>{escape(title)}</h2>{_table(columns, rows)}{note}"
+        f"<p><b>{escape(answer_text(cap))}</b></p>"
+    )
 
 
 def _phases(result: BenchResult) -> str:
@@ -245,7 +261,8 @@ def render_html(result: BenchResult) -> str:
         f"<title>bench: {escape(name)}</title><style>{_CSS}</style></head><body>"
         f"<h1>shared_ollama bench: {escape(name)}</h1>"
         f'<p class="muted">{len(result.requests)} requests, schema v{result.schema_version}</p>'
-        f"{banner}{_warnings(result)}{_metadata(result)}{_findings(result)}{_phases(result)}"
+        f"{banner}{_warnings(result)}{_metadata(result)}{_findings(result)}{_capacity(result)}"
+        f"{_phases(result)}"
         f"<h2>Plots</h2>{images or '<p>No completed requests to plot.</p>'}"
         f"{_breakdowns(result)}{_samplers(result)}"
         f"{'<h2>Notes</h2><ul>' + notes + '</ul>' if notes else ''}"

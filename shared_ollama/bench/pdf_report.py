@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .capacity import UNCERTAIN_NOTE, answer_text, capacity_table
 from .findings import findings
 from .plots import Plot, plots, series_label
 from .report import (
@@ -227,6 +228,12 @@ def pdf_pages(result: BenchResult) -> list[Figure]:
     if found := findings(result):
         flow.heading("Findings")
         flow.paragraph(found, bullet="- ")
+    if (cap := result.capacity) is not None:
+        title, columns, rows, _ = capacity_table(cap)
+        flow.heading(title)
+        flow.table(columns, rows)
+        uncertain = [UNCERTAIN_NOTE] if any(p.uncertain for p in cap.probes) else []
+        flow.paragraph([*uncertain, answer_text(cap)])
     flow.heading("Phases")
     flow.table(PHASE_COLUMNS, phase_rows(result))
     if (eff := efficiency_table(result)) is not None:

@@ -294,6 +294,37 @@ def test_result_files_with_and_without_capacity_load(tmp_path: Path) -> None:
     assert load_result(path).capacity is None
 
 
+def test_the_html_and_pdf_reports_show_the_search(tmp_path: Path) -> None:
+    import matplotlib
+
+    from shared_ollama.bench.html_report import render_html
+    from shared_ollama.bench.pdf_report import write_pdf
+
+    from .test_report_layout import _pdf_text
+
+    def ttft(ms: float) -> dict[str, Any]:
+        return {"p99_ttft_ms": {"values": [ms], "mean": ms}}
+
+    probes = [
+        {"load": 8.0, "phases": ["8 req/s"], "passed": True, "throughput": 7.9,
+         "achieved_rate": 8.0, "metrics": ttft(310.0)},
+        {"load": 16.0, "phases": ["16 req/s"], "passed": False, "uncertain": True,
+         "throughput": 12.1, "achieved_rate": 15.8, "metrics": ttft(640.0)},
+    ]  # fmt: skip
+    result = _capacity_result(8.0, ceiling=16.0, probes=probes)
+    html = render_html(result)
+    assert "Capacity search (rate; mean of 3" in html
+    assert "<td>8 req/s</td><td>7.9</td><td>8</td><td>310</td><td>pass</td>" in html
+    assert "<td>16 req/s</td><td>12.1</td><td>15.8</td><td>640</td><td>FAIL?</td>" in html
+    assert "capacity: 8 req/s meets p99_ttft_ms&lt;=500 (16 req/s does not" in html
+    assert "straddles a limit" in html
+    assert "Capacity search" not in render_html(make_result())  # a run has none
+    with matplotlib.rc_context({"pdf.compression": 0}):
+        pdf = _pdf_text(write_pdf(result, tmp_path / "report.pdf").read_bytes())
+    assert "Capacity search (rate; mean of 3" in pdf and "FAIL?" in pdf
+    assert "capacity: 8 req/s meets p99_ttft_ms<=500" in pdf
+
+
 # -- against FakeEngines with a known saturation point -----------------------------------
 
 SLOTS = 4
