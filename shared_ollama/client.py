@@ -985,6 +985,13 @@ class SyncSharedClient(BaseClient[httpx.BaseTransport]):
             except BaseException as exc:  # thrown into the steps: their cleanup runs
                 value, error = None, exc
 
+    def _content_flags(
+        self, op: Op[Parsed], tags: Mapping[str, str] | None, *, text: bool = False
+    ) -> Iterator[Any]:
+        """``SharedClient._content_flags``, blocking (the Locust user's streams)."""
+        make = _content_and_text if text else _has_content
+        return self._iterate(self._streaming(op, make, None, NOT_GIVEN, tags))
+
     def _iterate(self, gen: Steps[None]) -> Iterator[Any]:
         """``SharedClient._iterate``, blocking."""
         out = self._run(gen)

@@ -57,11 +57,9 @@ from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 from pydantic import ValidationError
 
-from .._base import NOT_GIVEN
 from ..client import SyncSharedClient
 from ..config import Endpoint, PoolConfig, load_config
 from ..errors import ConfigError, SharedOllamaError
-from ..protocols import Piece
 from ..records import CallRecord
 from .locust_report import META_FILE, PHASE, RECORDS_FILE
 from .result import RequestRecord
@@ -109,14 +107,6 @@ _FLUSH_EVERY = 500
 def _listen(hook: Any, listener: Callable[..., None]) -> None:
     """``hook.add_listener(listener)`` (locust's EventHook is untyped)."""
     hook.add_listener(listener)
-
-
-def _has_content(record: CallRecord, piece: Piece) -> bool:
-    return piece.has_content
-
-
-def _content_and_text(record: CallRecord, piece: Piece) -> tuple[bool, str]:
-    return piece.has_content, piece.text
 
 
 def _add_flags(parser: Any, **_: Any) -> None:
@@ -285,16 +275,11 @@ class _Process:
         """Send the mix's next request (a sessions workload: the user's next turn) and report
         it to Locust; the seconds the user thinks before its next call."""
         client, mix = self.ready()
-        echo = False
-        if mix.sessions is None:
-            spec = mix.next()
-        else:
-            spec = self._turn(mix, talk)
-            echo = mix.sessions.sessions is not None and mix.sessions.sessions.echo_replies
+        spec = mix.next() if mix.sessions is None else self._turn(mix, talk)
         mix.drawn.clear()  # only the bench's prompt-length report reads it
         call = str(next(self.calls))
         content: list[bool] | None = [] if spec.stream else None
-        reply: list[str] | None = [] if echo else None
+        reply: list[str] | None = [] if mix.echo_replies else None
         error: Exception | None = None
         t0 = time.perf_counter()
         try:
@@ -336,10 +321,7 @@ class _Process:
             talk.turns.extend(zip(conv.turns, specs, strict=True))
             talk.sent, talk.reply = None, []
         _, spec = talk.turns.popleft()
-        if talk.sent is not None and talk.reply:
-            # The history as this session sent it, with the server's reply (echo_replies).
-            spec = echoed(spec, talk.sent, "".join(talk.reply))
-        return spec
+        return echoed(spec, talk.sent, talk.reply)
 
     def _report(self, req: RequestRecord, spec: RequestSpec, error: Exception | None) -> None:
         failure = error if error is not None or req.ok else _Failed(req)
@@ -426,12 +408,11 @@ def _exchange(
         return
     # Streams read as content flags, no typed chunk built (the bench runner's way): the call
     # is routed, retried and accounted as any stream, at less CPU per chunk.
-    op = spec.stream_op(spec.session)
+    flags = client._content_flags(spec.stream_op(spec.session), tags, text=reply is not None)
     if reply is None:
-        content.extend(client._iterate(client._streaming(op, _has_content, None, NOT_GIVEN, tags)))
+        content.extend(flags)
         return
-    steps = client._streaming(op, _content_and_text, None, NOT_GIVEN, tags)
-    for flag, piece in client._iterate(steps):
+    for flag, piece in flags:
         content.append(flag)
         reply.append(piece)
 

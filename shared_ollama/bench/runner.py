@@ -255,8 +255,7 @@ class Runner:
             while may_send():
                 await self._send(next_spec(), plan.name, None)
 
-        sessions = self.mix.sessions.sessions if self.mix.sessions is not None else None
-        echo = sessions is not None and sessions.echo_replies
+        echo = self.mix.echo_replies
 
         async def session_worker(offset_s: float) -> None:
             await _sleep_until(t0 + int(offset_s * 1e9))
@@ -272,9 +271,8 @@ class Runner:
                         await self._think(turn.think_s)
                     if not may_send():
                         return
-                    if echo and sent is not None and reply:
-                        # The history as this session sent it, with the server's reply.
-                        spec = echoed(spec, sent, "".join(reply))
+                    # The history as this session sent it, with the server's reply.
+                    spec = echoed(spec, sent, reply)
                     reply = []
                     await self._send(spec, plan.name, None, reply=reply if echo else None)
                     sent = spec.messages

@@ -560,10 +560,17 @@ def _system_text(seed: int, tag: str, n_words: int) -> str:
     return synthetic_prompt(n_words, random.Random(f"system:{seed}:{tag}"))
 
 
-def echoed(spec: RequestSpec, sent: list[dict[str, Any]], reply: str) -> RequestSpec:
+def echoed(
+    spec: RequestSpec, sent: list[dict[str, Any]] | None, reply: Sequence[str]
+) -> RequestSpec:
     """A session's next turn with its history as sent (``sent``, the previous turn's
-    messages) and the server's ``reply`` to it, then the turn's own new user message."""
-    messages = [*sent, {"role": "assistant", "content": reply}, *(spec.messages or [])[-1:]]
+    messages) and the server's reply to it (its text, in the pieces it came in), then the
+    turn's own new user message; ``spec`` as drawn when there is nothing to echo (a first
+    turn, a failed call, a session that does not echo)."""
+    if sent is None or not reply:
+        return spec
+    answer = {"role": "assistant", "content": "".join(reply)}
+    messages = [*sent, answer, *(spec.messages or [])[-1:]]
     words = [_words(str(m.get("content") or "")) for m in messages]
     total = sum(words)
     share = (total - words[-1]) / total if total else 0.0
@@ -794,6 +801,12 @@ class WorkloadMix:
         self.salt = salt
         #: Session ids are this and the session's number (``s00000``, ...).
         self.session_prefix = session_prefix
+
+    @property
+    def echo_replies(self) -> bool:
+        """A sessions mix whose turns carry the server's replies (``SessionSpec``)."""
+        w = self.sessions
+        return w is not None and w.sessions is not None and w.sessions.echo_replies
 
     def begin_phase(self) -> None:
         """A phase starts: its ``SessionSpec.count`` sessions are yet to be handed out."""
