@@ -436,8 +436,11 @@ def capacity_table(cap: CapacityResult) -> tuple[str, list[str], list[list[str]]
     return f"Capacity search ({cap.search}; {how})", columns, rows, passed
 
 
-#: Under the table when a verdict carries a "?".
-UNCERTAIN_NOTE = "?: the confidence interval straddles a limit (more --repeats to be sure)"
+def capacity_notes(cap: CapacityResult) -> list[str]:
+    """What goes under the table: what a "?" verdict means, where one is."""
+    if any(p.uncertain for p in cap.probes):
+        return ["?: the confidence interval straddles a limit (more --repeats to be sure)"]
+    return []
 
 
 def print_capacity(cap: CapacityResult, console: Console | None = None) -> None:
@@ -450,8 +453,8 @@ def print_capacity(cap: CapacityResult, console: Console | None = None) -> None:
     for row, ok in zip(rows, passed, strict=True):
         table.add_row(*row, style="" if ok else "red")
     console.print(table)
-    if any(p.uncertain for p in cap.probes):
-        console.print(UNCERTAIN_NOTE)
+    for note in capacity_notes(cap):
+        console.print(note)
     style = "bold green" if cap.status in ("found", "at_max_load") else "bold red"
     console.print(f"[{style}]{escape(answer_text(cap))}[/]")
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
-from .capacity import UNCERTAIN_NOTE, answer_text, capacity_table
+from .capacity import answer_text, capacity_notes, capacity_table
 from .findings import findings
 from .plots import metric_label, plots, series_label
 from .report import (
@@ -136,9 +136,7 @@ def _capacity(result: BenchResult) -> str:
     if cap is None:
         return ""
     title, columns, rows, _ = capacity_table(cap)
-    note = ""
-    if any(p.uncertain for p in cap.probes):
-        note = f'<p class="muted">{escape(UNCERTAIN_NOTE)}</p>'
+    note = "".join(f'<p class="muted">{escape(n)}</p>' for n in capacity_notes(cap))
     return (
         f"<h2>{escape(title)}</h2>{_table(columns, rows)}{note}"
         f"<p><b>{escape(answer_text(cap))}</b></p>"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .capacity import UNCERTAIN_NOTE, answer_text, capacity_table
+from .capacity import answer_text, capacity_notes, capacity_table
 from .findings import findings
 from .plots import Plot, plots, series_label
 from .report import (
@@ -232,8 +232,7 @@ def pdf_pages(result: BenchResult) -> list[Figure]:
         title, columns, rows, _ = capacity_table(cap)
         flow.heading(title)
         flow.table(columns, rows)
-        uncertain = [UNCERTAIN_NOTE] if any(p.uncertain for p in cap.probes) else []
-        flow.paragraph([*uncertain, answer_text(cap)])
+        flow.paragraph([*capacity_notes(cap), answer_text(cap)])
     flow.heading("Phases")
     flow.table(PHASE_COLUMNS, phase_rows(result))
     if (eff := efficiency_table(result)) is not None:
