@@ -118,10 +118,11 @@ class RoutingDecision:
     """Why the call's (last) attempt went where it went.
 
     ``reason`` is one of ``affinity`` (the key's own ring endpoint), ``spill`` (the key's
-    endpoint was over its load bound: the next one on the ring), ``least_loaded``,
-    ``loaded_model`` (least loaded won because it has the model in memory), ``round_robin``,
-    ``weighted``, ``priority``, ``only_candidate`` and ``failover`` (a retry that avoided the
-    endpoints already tried). ``key`` is a short hash of the routing key, never the key.
+    endpoint was over its load bound, or could not take calls: the next one on the ring),
+    ``least_loaded``, ``loaded_model`` (least loaded won because it has the model in memory),
+    ``round_robin``, ``weighted``, ``priority``, ``only_candidate`` and ``failover`` (a retry
+    that avoided the endpoints already tried). ``key`` is a short hash of the routing key,
+    never the key.
     """
 
     endpoint: str

@@ -11,7 +11,9 @@ where the balls are the sessions. Sessions, not only calls in flight, are bounde
 conversation keeps its prefix in its server's cache between turns: with a few calls in
 flight at a time, bounding those alone lets the hash put most sessions on one server. A
 call whose home is over its share of the calls in flight spills to the next ring endpoint
-within it, and the session keeps its home. Removing an endpoint moves only its own keys.
+within it, and the session keeps its home. A session whose home cannot take calls at all
+now (at its ``max_in_flight``, breaker open, removed) moves to where its call goes, which then
+holds its latest prompt. Removing an endpoint moves only its own keys.
 
 Only a short hash of a key is ever kept: a session name or a prompt can be user data.
 """
@@ -241,4 +243,7 @@ class Affinity:
                 # Only loads read from the servers (fractions) can put everyone over.
                 chosen = min(order, key=lambda ep: loads[ep.url] / ep.config.weight)
             homes.place(key, chosen.url, now)
-        return Pick(chosen, "affinity" if chosen is order[0] else "spill")
+        # A session whose home cannot take this call (at its max_in_flight, breaker open,
+        # removed) moves, and says so: its next calls go where this one's prompt is cached.
+        moved = entry is not None and entry[0] != chosen.url
+        return Pick(chosen, "spill" if moved or chosen is not order[0] else "affinity")

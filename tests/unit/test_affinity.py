@@ -169,6 +169,23 @@ def test_spill_goes_to_the_next_ring_choice() -> None:
     assert (pick.endpoint, pick.reason) == (home, "affinity")
 
 
+def test_a_home_that_cannot_take_calls_moves_the_session_and_says_spill() -> None:
+    """The pool leaves a home out of the candidates while it is at its max_in_flight (or
+    its breaker is open): the call goes elsewhere as a spill, and the session follows it,
+    since that server now holds its latest prompt."""
+    eps = states(1, 2, 3)
+    strategy = Affinity(EPS)
+    key = keys(1)[0]
+    home = strategy.pick(eps, req(key), random.Random(0), 0.0).endpoint
+    others = [e for e in eps if e is not home]
+    pick = strategy.pick(others, req(key), random.Random(0), 1.0)
+    assert pick.reason == "spill"
+    new_home = pick.endpoint
+    assert strategy.home(key) == new_home.url
+    pick = strategy.pick(eps, req(key), random.Random(0), 2.0)  # the old home is back
+    assert (pick.endpoint, pick.reason) == (new_home, "affinity")
+
+
 @pytest.mark.parametrize("change", ["add", "remove"])
 def test_membership_change_moves_about_one_nth(change: str) -> None:
     """The ring: a key's first choice moves only to an added endpoint or away from a removed
