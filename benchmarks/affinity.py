@@ -39,7 +39,9 @@ from shared_ollama.records import CallRecord
 from tests.realservers._process import client_cpus, pinned
 from tests.realservers.llama_server import (
     ALLOWED_WORDS,
+    TINY,
     LlamaServer,
+    ModelShape,
     find_llama_server,
     make_tiny_gguf,
 )
@@ -318,14 +320,19 @@ class _Conversation:
 
 
 async def run_sessions(
-    urls: Sequence[str], strategy: Strategy, w: Workload, system_lengths: Sequence[int]
+    urls: Sequence[str],
+    strategy: Strategy,
+    w: Workload,
+    system_lengths: Sequence[int],
+    *,
+    max_in_flight: int | None = None,
 ) -> Outcome:
     """Every session of ``w`` through one ``SharedClient`` with ``strategy``; each call's
-    record read back into a ``Call``."""
+    record read back into a ``Call``. ``max_in_flight`` caps each endpoint's calls."""
     systems = system_prompts(w)
     records: list[CallRecord] = []
     failures: list[str] = []
-    endpoints = [Endpoint(url, kind="openai") for url in urls]
+    endpoints = [Endpoint(url, kind="openai", max_in_flight=max_in_flight) for url in urls]
 
     conversations = [_Conversation(w, index, systems) for index in range(w.sessions)]
 
@@ -382,13 +389,20 @@ async def run_sessions(
 
 
 def run_strategy(
-    model: Path, logs: Path, strategy: Strategy, w: Workload, *, binary: Path | None = None
+    model: Path,
+    logs: Path,
+    strategy: Strategy,
+    w: Workload,
+    *,
+    binary: Path | None = None,
+    max_in_flight: int | None = None,
 ) -> Outcome:
     """Two fresh servers (empty caches), the workload through ``strategy``, servers stopped."""
     servers = start_servers(model, logs / strategy, binary=binary)
     try:
         lengths = asyncio.run(_prepare(servers, system_prompts(w)))
-        outcome = asyncio.run(run_sessions([s.url for s in servers], strategy, w, lengths))
+        urls = [s.url for s in servers]
+        outcome = asyncio.run(run_sessions(urls, strategy, w, lengths, max_in_flight=max_in_flight))
         if outcome.failures:  # the servers' side of the story
             outcome.failures.extend(f"{s.log_path}:\n{s.log_text(1500)}" for s in servers)
         return outcome
@@ -483,17 +497,46 @@ def _dump(path: Path, outcomes: dict[str, Outcome]) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def _shape(text: str) -> ModelShape:
+    """``WIDTHxLAYERS``: heads of 64 dimensions, a feed-forward 3x the width."""
+    try:
+        width, layers = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxLAYERS, e.g. 512x2") from None
+    if width < 64 or width % 64 or layers < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a width of 64, 128, ... and 1+ layers")
+    return ModelShape(embd=width, heads=width // 64, layers=layers, ff=3 * width)
+
+
 def main() -> int:
     """Run every strategy on fresh servers, print the table and the targets; 1 on a miss."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="keep the server logs and calls.json here")
+    parser.add_argument(
+        "--shape",
+        type=_shape,
+        default=TINY,
+        help="a wider generated model, WIDTHxLAYERS (e.g. 512x2): an experiment, not the "
+        "issue's setup (benchmarks/llama_prefill_shapes.py says why one would try it)",
+    )
+    parser.add_argument(
+        "--cap-at-slots",
+        action="store_true",
+        help="every strategy: at most as many calls in flight on an endpoint as its server has "
+        "slots (max_in_flight), so a call waits in the client instead of queueing at a full server",
+    )
     args = parser.parse_args()
+    cap = SLOTS_PER_SERVER if args.cap_at_slots else None
     out = args.out or Path(tempfile.mkdtemp(prefix="affinity-"))
     out.mkdir(parents=True, exist_ok=True)
     w = Workload()
     binary = find_llama_server()
-    model = make_tiny_gguf(out / "tiny-letters.gguf", emit="letters")
+    model = make_tiny_gguf(out / "tiny-letters.gguf", emit="letters", shape=args.shape)
     print(f"llama-server {binary}\nflags: -c {CTX_SIZE} -np {PARALLEL} -t 1 (else defaults)")
+    if args.shape != TINY:
+        print(f"model: the letters model at {args.shape.label}, not the tiny one (an experiment)")
+    if cap is not None:
+        print(f"client: max_in_flight={cap} an endpoint, for every strategy (an experiment)")
     print(f"workload: {dataclasses.asdict(w)}")
     outcomes: dict[str, Outcome] = {}
     servers = start_servers(model, out / "probe", binary=binary)
@@ -506,7 +549,9 @@ def main() -> int:
     # servers on the first CPU and the client on the others.
     with pinned(None if SERVER_PER_CPU else client_cpus()):
         for strategy in STRATEGIES:
-            outcomes[strategy] = run_strategy(model, out, strategy, w, binary=binary)
+            outcomes[strategy] = run_strategy(
+                model, out, strategy, w, binary=binary, max_in_flight=cap
+            )
             o = outcomes[strategy]
             print(f"{strategy}: {len(o.calls)} calls, hit {o.hit_ratio:.3f}, "
                   f"TTFT p50 {o.ttft_ms(0.5):.1f} ms", flush=True)  # fmt: skip

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -78,11 +79,26 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-_N_EMBD = 64
-_N_HEAD = 4
-_N_LAYER = 2
-_N_FF = 128
 _N_CTX = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """A generated model's size: width, attention heads, layers, feed-forward width."""
+
+    embd: int = 64
+    heads: int = 4
+    layers: int = 2
+    ff: int = 128
+
+    @property
+    def label(self) -> str:
+        """``64x2 ff128``: width x layers and the feed-forward width."""
+        return f"{self.embd}x{self.layers} ff{self.ff}"
+
+
+#: The tests' model: ~0.55 MB, attention-bound (its width is tiny beside a long context).
+TINY = ModelShape()
 
 
 def llama_build_dir() -> Path:
@@ -234,7 +250,9 @@ def _vocabulary() -> tuple[list[str], list[float], list[int], list[int]]:
     return tokens, scores, [int(kind) for kind in types], allowed
 
 
-def _weights(n_vocab: int, allowed: Sequence[int]) -> dict[str, np.ndarray]:
+def _weights(
+    n_vocab: int, allowed: Sequence[int], shape: ModelShape = TINY
+) -> dict[str, np.ndarray]:
     """Random Llama weights arranged so that only ``allowed`` tokens can ever be sampled.
 
     Hidden dimension 0 carries a constant: every token embedding has 4.0 there and no layer
@@ -250,37 +268,39 @@ def _weights(n_vocab: int, allowed: Sequence[int]) -> dict[str, np.ndarray]:
     def normal(shape: tuple[int, ...], scale: float) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    embed = normal((n_vocab, _N_EMBD), 1.0)
+    embed = normal((n_vocab, shape.embd), 1.0)
     embed[:, 0] = 4.0
-    output = np.zeros((n_vocab, _N_EMBD), dtype=np.float32)
+    output = np.zeros((n_vocab, shape.embd), dtype=np.float32)
     output[:, 0] = -400.0
     output[list(allowed), 0] = 0.0
-    output[list(allowed), 1:] = normal((len(allowed), _N_EMBD - 1), 0.3)
+    output[list(allowed), 1:] = normal((len(allowed), shape.embd - 1), 0.3)
     tensors: dict[str, np.ndarray] = {
         "token_embd.weight": embed,
-        "output_norm.weight": np.ones(_N_EMBD, dtype=np.float32),
+        "output_norm.weight": np.ones(shape.embd, dtype=np.float32),
         "output.weight": output,
     }
-    for layer in range(_N_LAYER):
-        attn_out = normal((_N_EMBD, _N_EMBD), 0.05)
+    for layer in range(shape.layers):
+        attn_out = normal((shape.embd, shape.embd), 0.05)
         attn_out[0, :] = 0.0
-        ffn_down = normal((_N_EMBD, _N_FF), 0.05)
+        ffn_down = normal((shape.embd, shape.ff), 0.05)
         ffn_down[0, :] = 0.0
         tensors |= {
-            f"blk.{layer}.attn_norm.weight": np.ones(_N_EMBD, dtype=np.float32),
-            f"blk.{layer}.attn_q.weight": normal((_N_EMBD, _N_EMBD), 0.1),
-            f"blk.{layer}.attn_k.weight": normal((_N_EMBD, _N_EMBD), 0.1),
-            f"blk.{layer}.attn_v.weight": normal((_N_EMBD, _N_EMBD), 0.1),
+            f"blk.{layer}.attn_norm.weight": np.ones(shape.embd, dtype=np.float32),
+            f"blk.{layer}.attn_q.weight": normal((shape.embd, shape.embd), 0.1),
+            f"blk.{layer}.attn_k.weight": normal((shape.embd, shape.embd), 0.1),
+            f"blk.{layer}.attn_v.weight": normal((shape.embd, shape.embd), 0.1),
             f"blk.{layer}.attn_output.weight": attn_out,
-            f"blk.{layer}.ffn_norm.weight": np.ones(_N_EMBD, dtype=np.float32),
-            f"blk.{layer}.ffn_gate.weight": normal((_N_FF, _N_EMBD), 0.1),
-            f"blk.{layer}.ffn_up.weight": normal((_N_FF, _N_EMBD), 0.1),
+            f"blk.{layer}.ffn_norm.weight": np.ones(shape.embd, dtype=np.float32),
+            f"blk.{layer}.ffn_gate.weight": normal((shape.ff, shape.embd), 0.1),
+            f"blk.{layer}.ffn_up.weight": normal((shape.ff, shape.embd), 0.1),
             f"blk.{layer}.ffn_down.weight": ffn_down,
         }
     return tensors
 
 
-def make_tiny_gguf(path: Path, *, emit: Literal["words", "letters"] = "words") -> Path:
+def make_tiny_gguf(
+    path: Path, *, emit: Literal["words", "letters"] = "words", shape: ModelShape = TINY
+) -> Path:
     """Write a ~0.55 MB random-weight Llama GGUF (chatml template) to ``path`` and return it.
 
     It emits only plain words and punctuation, never EOS: a generation ends at ``max_tokens``
@@ -302,12 +322,12 @@ def make_tiny_gguf(path: Path, *, emit: Literal["words", "letters"] = "words") -
     writer = gguf.GGUFWriter(str(partial), "llama")
     writer.add_name("shared-ollama tiny test llama")
     writer.add_context_length(_N_CTX)
-    writer.add_embedding_length(_N_EMBD)
-    writer.add_block_count(_N_LAYER)
-    writer.add_feed_forward_length(_N_FF)
-    writer.add_head_count(_N_HEAD)
-    writer.add_head_count_kv(_N_HEAD)
-    writer.add_rope_dimension_count(_N_EMBD // _N_HEAD)
+    writer.add_embedding_length(shape.embd)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.ff)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.heads)
+    writer.add_rope_dimension_count(shape.embd // shape.heads)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
@@ -321,7 +341,7 @@ def make_tiny_gguf(path: Path, *, emit: Literal["words", "letters"] = "words") -
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHATML_TEMPLATE)
-    for name, tensor in _weights(len(tokens), allowed).items():
+    for name, tensor in _weights(len(tokens), allowed, shape).items():
         writer.add_tensor(name, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
