@@ -231,15 +231,24 @@ def system_prompts(w: Workload) -> list[str]:
 
 
 def start_servers(
-    model: Path, logs: Path, *, binary: Path | None = None, parallel: int = PARALLEL
+    model: Path,
+    logs: Path,
+    *,
+    binary: Path | None = None,
+    parallel: int = PARALLEL,
+    cpus: frozenset[int] | None = None,
 ) -> list[LlamaServer]:
     """``SERVERS`` llama-servers with llama.cpp's defaults but ``-c``/``-np`` (and ``-t``),
-    on the placement policy's server CPU; all stopped again if one fails to start."""
+    placed as the header says (or all on ``cpus``); all stopped again if one fails to start."""
     servers: list[LlamaServer] = []
-    cpus = sorted(os.sched_getaffinity(0))
+    mine = sorted(os.sched_getaffinity(0))
     try:
         for index in range(SERVERS):
-            own = frozenset({cpus[index % len(cpus)]}) if SERVER_PER_CPU else "policy"
+            own: frozenset[int] | str = "policy"
+            if cpus is not None:
+                own = cpus
+            elif SERVER_PER_CPU:
+                own = frozenset({mine[index % len(mine)]})
             server = LlamaServer(
                 model,
                 binary=binary,
@@ -497,7 +506,7 @@ def _dump(path: Path, outcomes: dict[str, Outcome]) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _shape(text: str) -> ModelShape:
+def parse_shape(text: str) -> ModelShape:
     """``WIDTHxLAYERS``: heads of 64 dimensions, a feed-forward 3x the width."""
     try:
         width, layers = (int(part) for part in text.lower().split("x"))
@@ -514,7 +523,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="keep the server logs and calls.json here")
     parser.add_argument(
         "--shape",
-        type=_shape,
+        type=parse_shape,
         default=TINY,
         help="a wider generated model, WIDTHxLAYERS (e.g. 512x2): an experiment, not the "
         "issue's setup (benchmarks/llama_prefill_shapes.py says why one would try it)",

@@ -53,18 +53,15 @@ from benchmarks.affinity import (
     TURNS,
     USER_TOKENS,
     _text,
+    parse_shape,
+    start_servers,
 )
 from tests.realservers._process import pinned
-from tests.realservers.llama_server import TINY, LlamaServer, ModelShape, make_tiny_gguf
+from tests.realservers.llama_server import TINY, make_tiny_gguf
 
-#: The test suite's model first, then wider and deeper ones (f32 weights, letters variant).
-SHAPES = (
-    TINY,
-    ModelShape(embd=256, heads=4, layers=2, ff=768),
-    ModelShape(embd=512, heads=8, layers=1, ff=1536),
-    ModelShape(embd=512, heads=8, layers=2, ff=1536),
-    ModelShape(embd=1024, heads=16, layers=2, ff=3072),
-)
+#: The test suite's model first, then wider and deeper ones (f32 weights, letters variant),
+#: each the model ``affinity.py --shape`` runs under that name.
+SHAPES = (TINY, *map(parse_shape, ("256x2", "512x1", "512x2", "1024x2")))
 
 Messages = list[dict[str, str]]
 
@@ -137,17 +134,8 @@ def main() -> None:
         model = make_tiny_gguf(
             out / f"letters-{shape.embd}x{shape.layers}.gguf", emit="letters", shape=shape
         )
-        servers = [
-            LlamaServer(
-                model,
-                log_path=out / f"{shape.embd}x{shape.layers}-{i}.log",
-                parallel=PARALLEL,
-                ctx_size=CTX_SIZE,
-                test_flags=False,
-                cpus=frozenset(cpus[:1]),
-            ).start()
-            for i in range(2)
-        ]
+        logs = out / f"{shape.embd}x{shape.layers}"
+        servers = start_servers(model, logs, cpus=frozenset(cpus[:1]))
         try:
             with (
                 pinned(client_cpus),
