@@ -23,6 +23,7 @@ from shared_ollama import (
 )
 from shared_ollama.aiohttp_client import AiohttpSharedClient
 from shared_ollama.records import CallRecord
+from tests.conftest import Driver
 from tests.realservers.fixtures import LLAMA_API_KEY
 
 MODEL = "tiny-llama"
@@ -114,6 +115,13 @@ async def test_killed_server_gives_typed_error(
     assert err.value.model == MODEL
 
 
+async def _streams_then_calls(d: Driver) -> None:
+    """40 streams, each followed by a plain call on the connection the stream left."""
+    for _ in range(40):
+        await d.stream("chat", model=MODEL, messages=MESSAGES, options={"num_predict": 2})
+        await d.call("chat", model=MODEL, messages=MESSAGES, options={"num_predict": 2})
+
+
 async def test_stale_keepalive_connections_cost_no_retry(
     llama_server: Any, make_driver: Any
 ) -> None:
@@ -121,9 +129,7 @@ async def test_stale_keepalive_connections_cost_no_retry(
     # the next request on that pooled connection must be re-sent silently, not retried.
     records: list[CallRecord] = []
     async with make_driver([ep(llama_server)], listeners=[records.append]) as d:
-        for _ in range(40):
-            await d.stream("chat", model=MODEL, messages=MESSAGES, options={"num_predict": 2})
-            await d.call("chat", model=MODEL, messages=MESSAGES, options={"num_predict": 2})
+        await _streams_then_calls(d)
     assert len(records) == 80 and all(r.ok for r in records)
     assert [r.retries for r in records] == [0] * 80
 
@@ -135,11 +141,7 @@ async def test_stale_keepalive_connections_cost_no_retry_over_aiohttp(llama_serv
     records: list[CallRecord] = []
     endpoints = [ep(llama_server)]
     async with AiohttpSharedClient(endpoints, usage=False, listeners=[records.append]) as client:
-        for _ in range(40):
-            stream = await client.chat(MODEL, MESSAGES, stream=True, options={"num_predict": 2})
-            async for _ in stream:
-                pass
-            await client.chat(MODEL, MESSAGES, options={"num_predict": 2})
+        await _streams_then_calls(Driver(client))
     assert len(records) == 80 and all(r.ok for r in records)
     assert [r.retries for r in records] == [0] * 80
 
