@@ -118,7 +118,8 @@ class _Writer:
         flush_interval_s: float,
         epoch_offset_ns: int,
         max_queue: int,
-        close_bound_s: float = 10.0,
+        *,
+        close_bound_s: float,
     ) -> None:
         self.backend = backend
         #: How long the writes left at a stop may keep retrying a busy or absent store.
